@@ -1,0 +1,64 @@
+"""What a denoiser is conditioned on: text embeddings (and the negative prompt for CFG), image latents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Conditioning:
+    """A batch of conditions. ``text`` is ``[B, L, D]``; masks are ``[B, L]`` (True = real token).
+
+    ``negative_text`` is the unconditional/negative context used by classifier-free guidance;
+    ``image`` holds image latents for image-to-video models.
+    """
+
+    text: Tensor
+    text_mask: Tensor | None = None
+    negative_text: Tensor | None = None
+    negative_mask: Tensor | None = None
+    image: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.text.ndim != 3:
+            raise ValueError(f"Conditioning.text must be [B, L, D], got shape {tuple(self.text.shape)}")
+        for name in ("text_mask", "negative_mask"):
+            mask = getattr(self, name)
+            if mask is not None and mask.ndim != 2:
+                raise ValueError(f"Conditioning.{name} must be [B, L], got shape {tuple(mask.shape)}")
+        if self.negative_text is not None and self.negative_text.shape[0] != self.text.shape[0]:
+            raise ValueError(f"negative_text batch {self.negative_text.shape[0]} != text batch {self.text.shape[0]}")
+
+    def __len__(self) -> int:
+        return self.text.shape[0]
+
+    def _map(self, fn) -> "Conditioning":
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Conditioning":
+        """Move tensors; ``dtype`` applies to floating tensors only (masks stay boolean)."""
+        return self._map(lambda x: x.to(device=device, dtype=dtype if x.is_floating_point() else None))
+
+    def index(self, idx: Tensor | slice) -> "Conditioning":
+        """Select a sub-batch."""
+        return self._map(lambda x: x[idx])
+
+    def masked_text(self, negative: bool = False) -> Tensor:
+        """Context with padded positions zeroed (as Wan zero-pads its T5 context)."""
+        text, mask = (self.negative_text, self.negative_mask) if negative else (self.text, self.text_mask)
+        if text is None:
+            raise ValueError("no negative_text in this Conditioning: classifier-free guidance needs one")
+        return text if mask is None else text * mask.unsqueeze(-1).to(text.dtype)
+
+    def with_guidance_batch(self) -> "Conditioning":
+        """Conditional and unconditional contexts stacked along the batch (one forward for CFG)."""
+        text, negative = self.masked_text(), self.masked_text(negative=True)
+        if negative.shape[1:] != text.shape[1:]:
+            raise ValueError(f"negative_text {tuple(negative.shape)} must match text {tuple(text.shape)} "
+                             "(encode both with the same max_length)")
+        image = None if self.image is None else torch.cat([self.image, self.image])
+        return Conditioning(text=torch.cat([text, negative]), image=image)

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+import teachers
+from distill.conditioning import Conditioning
+from distill.schedule import FlowMatching, euler_sample
+from teachers.wan import WAN_PRESETS, WanDenoiser
+
+
+def _cond(batch=2, length=6, dim=384, negative=True):
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[:, -2:] = False
+    neg = torch.randn(batch, length, dim, generator=g) if negative else None
+    return Conditioning(torch.randn(batch, length, dim, generator=g), mask, neg, mask if negative else None)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return teachers.load("wan", "tiny-random")
+
+
+def test_forward_shape_and_per_frame_time(tiny):
+    x = torch.randn(2, 3, 4, 8, 8)
+    out = tiny(x, torch.tensor([0.3, 0.7]), _cond())
+    assert out.shape == x.shape
+    per_frame = tiny(x, torch.tensor([[0.3] * 4, [0.7] * 4]), _cond())
+    torch.testing.assert_close(per_frame, out, atol=1e-5, rtol=1e-5)
+    mixed = tiny(x, torch.tensor([[0.3, 0.3, 0.9, 0.9], [0.7] * 4]), _cond())
+    assert not torch.allclose(mixed[0], out[0], atol=1e-4)
+    torch.testing.assert_close(mixed[1], out[1], atol=1e-5, rtol=1e-5)
+
+
+def test_padded_text_tokens_are_ignored(tiny):
+    x, t, cond = torch.randn(2, 3, 2, 8, 8), torch.tensor([0.5, 0.5]), _cond()
+    garbage = cond.text.clone()
+    garbage[:, -2:] = 100.0
+    torch.testing.assert_close(tiny(x, t, Conditioning(garbage, cond.text_mask)), tiny(x, t, cond))
+
+
+def test_cfg_combines_conditional_and_unconditional(tiny):
+    x, t, cond = torch.randn(2, 3, 2, 8, 8), torch.tensor([0.5, 0.4]), _cond()
+    c = tiny(x, t, cond)
+    u = tiny(x, t, Conditioning(cond.negative_text, cond.negative_mask))
+    torch.testing.assert_close(tiny.guided(x, t, cond, guidance=4.0), u + 4.0 * (c - u), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tiny.guided(x, t, cond, guidance=1.0), c)
+    x0 = tiny.denoise(x, t, cond, guidance=4.0)
+    torch.testing.assert_close(x0, x - t.view(-1, 1, 1, 1, 1) * (u + 4.0 * (c - u)), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="negative_text"):
+        tiny.guided(x, t, _cond(negative=False), guidance=3.0)
+
+
+def test_samples_from_free_form_conditioning(tiny):
+    cond = _cond(batch=1)
+    noise = torch.randn(1, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    video = euler_sample(lambda x, t: tiny.guided(x, t, cond, 3.0), noise, tiny.schedule, steps=4)
+    assert video.shape == noise.shape and torch.isfinite(video).all()
+
+
+def test_save_and_load_pretrained_directory(tiny, tmp_path):
+    tiny.transformer.save_pretrained(tmp_path / "transformer")
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"flow_shift": 3.0}))
+    loaded = teachers.load("wan", str(tmp_path))
+    assert loaded.schedule == FlowMatching(shift=3.0)
+    assert list((tmp_path / "transformer").glob("*.safetensors"))
+    x, t = torch.randn(1, 3, 2, 8, 8), torch.tensor([0.5])
+    torch.testing.assert_close(loaded(x, t, _cond(1)), tiny(x, t, _cond(1)))
+
+
+def test_sources_and_bad_input(tmp_path):
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(WAN_PRESETS["tiny-random"]))
+    assert isinstance(teachers.load("wan", str(config)), WanDenoiser)
+    bf16 = teachers.load("wan", WAN_PRESETS["tiny-random"], dtype=torch.bfloat16)
+    assert bf16.transformer.proj_out.weight.dtype == torch.bfloat16
+    assert bf16.transformer.scale_shift_table.dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown teacher family"):
+        teachers.load("sora", "x")
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        teachers.load("wan", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="unknown WanTransformer3DModel config keys"):
+        teachers.load("wan", {**WAN_PRESETS["tiny-random"], "num_heads": 3})
+    tiny = teachers.load("wan", "tiny-random")
+    with pytest.raises(ValueError, match="do not fit"):
+        tiny(torch.randn(1, 4, 2, 8, 8), torch.tensor([0.5]), _cond(1))
+    with pytest.raises(ValueError, match="per-frame"):
+        tiny(torch.randn(1, 3, 2, 8, 8), torch.zeros(1, 3), _cond(1))
+
+
+def test_presets_are_the_published_sizes():
+    meta = torch.device("meta")
+    with meta:
+        small = WanDenoiser.from_config(WAN_PRESETS["wan2.1-t2v-1.3b"], seed=None)
+    params = sum(p.numel() for p in small.parameters())
+    assert 1.2e9 < params < 1.5e9
