@@ -1,0 +1,249 @@
+"""Job configuration: dataclasses loaded from TOML job files, validated, overridable with ``--set a.b=c``."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A job file or override is wrong; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The network being trained (a teacher) or distilled from (the teacher of a student)."""
+
+    family: str = "wan"
+    source: str = "tiny-random"  # preset name, local diffusers directory, or config .json
+    config: dict[str, Any] = field(default_factory=dict)  # inline transformer config; wins over source
+    dtype: str = "float32"  # weights of frozen networks; trainable ones follow the DeepSpeed precision
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "flow"  # "flow" or "vp"
+    shift: float = 1.0
+    time_distribution: str = "logit_normal"  # training noise levels: "logit_normal" or "uniform"
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # "synthetic" (moving shapes, rendered on the fly) or "shards"
+    path: str = ""  # shard directory for kind = "shards"
+    frames: int = 16
+    height: int = 32
+    width: int = 32
+    batch_size: int = 8
+    num_samples: int = 100_000  # size of the synthetic dataset (its index space)
+    negative_prompt: str = ""  # the unconditional context for CFG
+    on_error: str = "warn"  # corrupt shards: "warn" (skip and count) or "raise"
+
+
+@dataclass
+class MethodConfig:
+    name: str = "flow"
+    guidance: float = 5.0  # CFG scale of the teacher wherever a method queries it
+    cfg_dropout: float = 0.1  # flow matching: probability of training on the negative prompt
+    critic_steps: int = 1  # critic/discriminator updates per generator update (two time-scale rule)
+    weights: dict[str, float] = field(default_factory=dict)  # named loss terms and their weights
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    critic_lr: float = 0.0  # 0: same as lr
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class DeepSpeedSettings:
+    zero_stage: int = 0
+    precision: str = "auto"  # "auto" (bf16 where the device has it), "bf16" or "fp32"
+    offload: bool = False  # optimizer state on the CPU (ZeRO stage >= 1)
+    config: str = ""  # a DeepSpeed JSON whose entries override the generated ones
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    grad_accum: int = 1
+    ema_decay: float = 0.0  # 0 disables the EMA of the generator
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    on_nonfinite: str = "stop"  # "stop" or "skip" (the bad micro-batch contributes no gradient)
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/job"
+    resume: bool = True  # continue from the newest checkpoint in dir when there is one
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+_CHOICES = {
+    "schedule.kind": ("flow", "vp"),
+    "schedule.time_distribution": ("logit_normal", "uniform"),
+    "data.kind": ("synthetic", "shards"),
+    "data.on_error": ("warn", "raise"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "deepspeed.precision": ("auto", "bf16", "fp32"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+_POSITIVE = ("data.frames", "data.height", "data.width", "data.batch_size", "data.num_samples", "train.steps",
+             "train.grad_accum", "train.checkpoint_every", "train.keep_last", "method.critic_steps", "logging.every",
+             "optim.lr")
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Return ``value`` converted to ``hint`` (ints widen to floats), or raise naming ``where``."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return _build(hint, value, where)
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        _, item = typing.get_args(hint)
+        return {k: _check_type(v, item, f"{where}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is type(None) and value is None:
+        return None
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise ConfigError(f"{where or 'top level'}: unknown key(s) {unknown}; known: {names}")
+    return cls(**{k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in table.items()})
+
+
+def _get(job: JobConfig, dotted: str) -> Any:
+    value: Any = job
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(job: JobConfig, where: str = "job") -> JobConfig:
+    """Value checks and impossible combinations, each error naming its key."""
+    for key, choices in _CHOICES.items():
+        if _get(job, key) not in choices:
+            raise ConfigError(f"{where}: {key} = {_get(job, key)!r}; expected one of {list(choices)}")
+    for key in _POSITIVE:
+        if not _get(job, key) > 0:
+            raise ConfigError(f"{where}: {key} must be > 0, got {_get(job, key)!r}")
+    if not 0.0 <= job.method.cfg_dropout < 1.0:
+        raise ConfigError(f"{where}: method.cfg_dropout must be in [0, 1), got {job.method.cfg_dropout}")
+    if not 0.0 <= job.train.ema_decay < 1.0:
+        raise ConfigError(f"{where}: train.ema_decay must be in [0, 1), got {job.train.ema_decay}")
+    if job.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: deepspeed.zero_stage must be 0, 1, 2 or 3, got {job.deepspeed.zero_stage}")
+    if job.deepspeed.offload and job.deepspeed.zero_stage == 0:
+        raise ConfigError(f"{where}: deepspeed.offload needs deepspeed.zero_stage >= 1")
+    if job.data.kind == "shards" and not job.data.path:
+        raise ConfigError(f"{where}: data.kind = 'shards' needs data.path (a shard directory)")
+    if len(job.optim.betas) != 2:
+        raise ConfigError(f"{where}: optim.betas must have two entries, got {job.optim.betas}")
+    return job
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], c), with ``c`` read as a TOML value (a bare word is a string)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = table
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a table")
+        node[path[-1]] = value
+    return table
+
+
+def load_job(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Read a TOML job file (or start from defaults when ``path`` is None) and apply overrides."""
+    table: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"job file {path} does not exist")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        where = str(path)
+    apply_overrides(table, list(overrides))
+    try:
+        job = _build(JobConfig, table, "")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return validate(job, where)
+
+
+def to_dict(job: JobConfig) -> dict[str, Any]:
+    return dataclasses.asdict(job)
