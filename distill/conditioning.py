@@ -62,3 +62,14 @@ class Conditioning:
                              "(encode both with the same max_length)")
         image = None if self.image is None else torch.cat([self.image, self.image])
         return Conditioning(text=torch.cat([text, negative]), image=image)
+
+
+@dataclass
+class Batch:
+    """One micro-batch: clean latents ``[B, C, T, H, W]`` (None for prompt-only data), conditions, and
+    the captions/labels they came from (for logging and evaluation)."""
+
+    latents: Tensor | None
+    cond: Conditioning
+    captions: list[str]
+    labels: list[dict]
