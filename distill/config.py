@@ -96,6 +96,7 @@ class LoggingConfig:
 class OutputConfig:
     dir: str = "runs/job"
     resume: bool = True  # continue from the newest checkpoint in dir when there is one
+    dtype: str = "float32"  # dtype of the exported model's weights
 
 
 @dataclass
@@ -117,6 +118,7 @@ _CHOICES = {
     "data.kind": ("synthetic", "shards"),
     "data.on_error": ("warn", "raise"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "output.dtype": ("float32", "bfloat16", "float16"),
     "deepspeed.precision": ("auto", "bf16", "fp32"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -11,6 +11,7 @@ diffusion forcing); it is broadcast against latents ``[B, C, T, H, W]``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -192,6 +193,17 @@ def make_schedule(kind: str = "flow", **kwargs) -> Schedule:
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; expected one of {sorted(SCHEDULES)}")
     return SCHEDULES[kind](**kwargs)
+
+
+def schedule_to_dict(schedule: Schedule) -> dict:
+    """A JSON-able description that :func:`schedule_from_dict` turns back into the same schedule."""
+    kind = next(name for name, cls in SCHEDULES.items() if type(schedule) is cls)
+    return {"kind": kind, **dataclasses.asdict(schedule)}
+
+
+def schedule_from_dict(table: dict) -> Schedule:
+    table = dict(table)
+    return make_schedule(table.pop("kind", "flow"), **table)
 
 
 def euler_sample(model: Callable[[Tensor, Tensor], Tensor], noise: Tensor, schedule: Schedule, steps: int,

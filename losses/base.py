@@ -21,5 +21,9 @@ class Method(Protocol):
 
     roles: tuple[str, ...]
 
+    def networks(self, model: Denoiser) -> tuple[Networks, Networks]:
+        """``(trainable, frozen)`` networks built from the job's model (e.g. student and critic from a teacher)."""
+        ...
+
     def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]:
         ...

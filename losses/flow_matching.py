@@ -44,6 +44,9 @@ class FlowMatchingMethod:
     cfg_dropout: float = 0.1
     roles: tuple[str, ...] = ("generator",)
 
+    def networks(self, model: Denoiser) -> tuple[Networks, Networks]:
+        return {"generator": model}, {}
+
     def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]:
         if batch.latents is None:
             raise ValueError("flow matching needs latents in the batch (prompt-only data has none)")

@@ -11,7 +11,7 @@ from diffusers import WanTransformer3DModel
 from torch import Tensor
 
 from distill.conditioning import Conditioning
-from distill.schedule import FlowMatching, Schedule
+from distill.schedule import FlowMatching, Schedule, schedule_from_dict, schedule_to_dict
 from teachers.base import Denoiser
 
 _WAN_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
@@ -79,6 +79,23 @@ class WanDenoiser(Denoiser):
         )[0]
         return out.to(x_t.dtype)
 
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """A diffusers transformer directory (config + safetensors) plus ``schedule.json``."""
+        path = Path(path)
+        self.transformer.save_pretrained(path, safe_serialization=True)
+        if dtype is not None:  # diffusers saves in the module's dtype; rewrite the weights in the one asked for
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().to(dtype).contiguous() for k, v in self.transformer.state_dict().items()}
+            for old in path.glob("*.safetensors*"):
+                old.unlink()
+            save_file(state, str(path / "diffusion_pytorch_model.safetensors"))
+        (path / "schedule.json").write_text(json.dumps(schedule_to_dict(self.schedule), indent=1))
+        return path
+
     @classmethod
     def from_config(cls, config: dict[str, Any], schedule: Schedule | None = None,
                     dtype: torch.dtype = torch.float32, seed: int | None = 0) -> "WanDenoiser":
@@ -101,6 +118,8 @@ class WanDenoiser(Denoiser):
             path = path / "transformer"
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers model directory (no config.json)")
+        if schedule is None and (path / "schedule.json").is_file():
+            schedule = schedule_from_dict(json.loads((path / "schedule.json").read_text()))
         transformer = WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
         return cls(transformer, schedule)
 

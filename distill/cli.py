@@ -1,0 +1,127 @@
+"""The ``distill`` command line: data, training, sampling."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _data_synth(args: argparse.Namespace) -> None:
+    """Render moving-shapes clips, encode their captions, write webdataset shards."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from distill.data.shards import ShardWriter
+    from distill.data.synthetic import MovingShapes
+    from distill.text import TextEncoder
+
+    dataset = MovingShapes(args.num, args.frames, args.height, args.width, seed=args.seed)
+    encoder = TextEncoder.from_pretrained(max_length=args.max_length)
+    dtype = getattr(torch, args.dtype)
+    with ShardWriter(args.out, max_samples_per_shard=args.shard_size) as writer, \
+            tqdm(total=args.num, desc="synth", unit="clip") as bar:
+        for start in range(0, args.num, 256):
+            items = [dataset[i] for i in range(start, min(start + 256, args.num))]
+            text, mask = encoder.encode([item["caption"] for item in items])
+            for item, emb, m in zip(items, text, mask):
+                writer.write({"key": item["key"], "latents": item["video"].to(dtype), "text_emb": emb.to(dtype),
+                              "text_mask": m, "caption": item["caption"], "labels": item["labels"]})
+            bar.update(len(items))
+    print(f"wrote {args.num} clips to {args.out}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from distill.config import load_job
+    from distill.run import train
+
+    out = train(load_job(args.job, args.set))
+    print(f"model written to {out}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    """Sample one video from a teacher with the Euler sampler and CFG, and write it."""
+    import torch
+
+    import teachers
+    from distill.conditioning import Conditioning
+    from distill.schedule import euler_sample
+    from distill.text import TextEncoder
+    from distill.video import to_uint8, upscale_nearest, write_gif, write_video
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher = teachers.load(args.family, args.teacher).to(device).eval()
+    if teacher.latent_channels != 3:
+        raise SystemExit(f"{args.teacher} generates {teacher.latent_channels}-channel latents; this command writes "
+                         "pixel-space (3-channel) models' samples directly and has no VAE decoder yet")
+    encoder = TextEncoder.from_pretrained(device=device)
+    text, mask = encoder.encode([args.prompt])
+    negative, negative_mask = encoder.encode([args.negative_prompt])
+    cond = Conditioning(text, mask, negative, negative_mask)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    noise = torch.randn(1, 3, args.frames, args.height, args.width, generator=generator).to(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        video = euler_sample(lambda x, t: teacher.guided(x, t, cond, args.guidance), noise, teacher.schedule,
+                             args.steps, progress=True)
+    seconds = time.perf_counter() - start
+    frames = upscale_nearest(to_uint8(video[0].float().cpu()), args.scale)
+    writer = write_gif if Path(args.out).suffix.lower() == ".gif" else write_video
+    writer(args.out, frames, fps=args.fps)
+    print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}, "
+          f"{args.steps} steps in {seconds:.2f} s on {device}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write moving-shapes shards with text embeddings")
+    synth.add_argument("--out", required=True, help="output directory for the shards")
+    synth.add_argument("--num", type=int, required=True, help="number of clips")
+    synth.add_argument("--frames", type=int, default=16)
+    synth.add_argument("--height", type=int, default=32)
+    synth.add_argument("--width", type=int, default=32)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shard-size", type=int, default=1000, help="clips per shard")
+    synth.add_argument("--max-length", type=int, default=32, help="text tokens per caption")
+    synth.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    synth.set_defaults(func=_data_synth)
+
+    train = commands.add_parser("train", help="run a training or distillation job file")
+    train.add_argument("job", help="TOML job file (see jobs/)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a job setting, e.g. --set train.steps=100 (repeatable)")
+    train.set_defaults(func=_train)
+
+    sample = commands.add_parser("sample", help="sample a video from a teacher with the Euler sampler")
+    sample.add_argument("--teacher", required=True, help="preset name, config .json, or local model directory")
+    sample.add_argument("--family", default="wan", help="teacher family (default: wan)")
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--negative-prompt", default="")
+    sample.add_argument("--steps", type=int, default=50)
+    sample.add_argument("--guidance", type=float, default=5.0)
+    sample.add_argument("--frames", type=int, default=16)
+    sample.add_argument("--height", type=int, default=32)
+    sample.add_argument("--width", type=int, default=32)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="auto")
+    sample.add_argument("--fps", type=float, default=8)
+    sample.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale for viewing")
+    sample.add_argument("--out", required=True, help="output .mp4 or .gif")
+    sample.set_defaults(func=_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"distill {args.command}: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Micro-batches addressed by their index, so that a resumed run sees exactly the data it would have seen."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from distill.conditioning import Batch, Conditioning
+from distill.config import DataConfig
+from distill.data.shards import ShardDataset, collate
+from distill.data.synthetic import MovingShapes
+from distill.text import TextEncoder
+
+
+class BatchSource:
+    """``get(n)`` returns the ``n``-th micro-batch of this rank.
+
+    Synthetic data is drawn statelessly from ``(seed, rank, n)``. Shards are streamed in a fixed,
+    seeded order; asking for an index other than the next one replays the stream up to it (only
+    resumption does this).
+    """
+
+    def __init__(self, data: DataConfig, text_encoder: TextEncoder | None, device: torch.device, seed: int = 0,
+                 rank: int = 0):
+        self.data, self.text_encoder, self.device, self.seed, self.rank = data, text_encoder, device, seed, rank
+        self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stream: Iterator[dict] | None = None
+        self._next = 0
+        if data.kind == "synthetic":
+            self.synthetic = MovingShapes(data.num_samples, data.frames, data.height, data.width, seed=seed)
+
+    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.text_encoder is None:
+            raise ValueError("these batches need text embeddings: give BatchSource a text encoder")
+        return self.text_encoder.encode(captions)
+
+    def _conditioning(self, text: torch.Tensor, mask: torch.Tensor) -> Conditioning:
+        if self._negative is None:
+            self._negative = self._encode([self.data.negative_prompt])
+        neg, neg_mask = self._negative
+        batch = text.shape[0]
+        return Conditioning(text, mask, neg.expand(batch, -1, -1), neg_mask.expand(batch, -1)).to(self.device)
+
+    def _synthetic(self, n: int) -> Batch:
+        rng = np.random.default_rng([self.seed, self.rank, n])
+        items = [self.synthetic[int(i)] for i in rng.integers(len(self.synthetic), size=self.data.batch_size)]
+        captions = [item["caption"] for item in items]
+        latents = torch.stack([item["video"] for item in items]).to(self.device)
+        return Batch(latents, self._conditioning(*self._encode(captions)), captions, [i["labels"] for i in items])
+
+    def _shard(self, n: int) -> Batch:
+        if self._stream is None or n != self._next:
+            dataset = ShardDataset(self.data.path, shuffle_buffer=256, seed=self.seed, repeat=True,
+                                   on_error=self.data.on_error)
+            self._stream, self._next = iter(dataset), 0
+            for _ in range(n * self.data.batch_size):
+                next(self._stream)
+            self._next = n
+        samples = collate([next(self._stream) for _ in range(self.data.batch_size)])
+        self._next += 1
+        captions = samples["caption"]
+        if "text_emb" in samples:
+            text, mask = samples["text_emb"].float(), samples["text_mask"].bool()
+        else:
+            text, mask = self._encode(captions)
+        latents = samples["latents"].float().to(self.device) if "latents" in samples else None
+        return Batch(latents, self._conditioning(text, mask), captions, samples["labels"])
+
+    def get(self, n: int) -> Batch:
+        return self._synthetic(n) if self.data.kind == "synthetic" else self._shard(n)

@@ -1,0 +1,56 @@
+"""Build a job's parts from its config and run it: the code behind ``distill train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import losses
+import teachers
+from distill.config import JobConfig
+from distill.data.batches import BatchSource
+from distill.schedule import make_schedule
+from distill.text import TextEncoder
+from distill.trainer import Trainer, init_distributed, resolve_device
+from teachers.base import Denoiser
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_model(job: JobConfig, dtype: torch.dtype = torch.float32) -> Denoiser:
+    """The job's model (a teacher to train or to distil) with the job's schedule."""
+    schedule = make_schedule(job.schedule.kind, shift=job.schedule.shift)
+    source = job.model.config or job.model.source
+    return teachers.load(job.model.family, source, schedule=schedule, dtype=dtype)
+
+
+def train(job: JobConfig) -> Path:
+    """Run a training job to its last step and export the generator (EMA weights where kept).
+
+    Returns the exported model directory (``<output.dir>/model``).
+    """
+    device = resolve_device(job.train.device)
+    init_distributed(device)
+    torch.manual_seed(job.train.seed)
+    method = losses.build(job)
+    trainable, frozen = method.networks(build_model(job))
+    for net in frozen.values():
+        net.requires_grad_(False).eval().to(device=device, dtype=DTYPES[job.model.dtype])
+    text_encoder = TextEncoder.from_pretrained(device=device)
+    import torch.distributed as dist
+
+    batches = BatchSource(job.data, text_encoder, device, seed=job.train.seed, rank=dist.get_rank())
+    trainer = Trainer(job, method, trainable, frozen, batches, device)
+    try:
+        trainer.fit()
+        weights = trainer.generator_weights(ema=True)
+    finally:
+        trainer.close()
+    out = Path(job.output.dir) / "model"
+    if dist.get_rank() == 0:
+        generator = build_model(job)
+        generator.load_state_dict(weights)
+        generator.save_pretrained(out, dtype=DTYPES[job.output.dtype])
+    dist.barrier()
+    return out
