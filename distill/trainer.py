@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,7 @@ class Trainer:
                 message = f"non-finite {role} loss ({loss.item()}) at step {self.step}, micro-batch {micro}"
                 if self.job.train.on_nonfinite == "stop":
                     raise NonFiniteLossError(message)
-                tqdm.write(f"warning: {message}: skipped")
+                tqdm.write(f"warning: {message}: skipped", file=sys.stderr)
                 self.skipped += 1
                 # A zero loss on every parameter keeps DeepSpeed's accumulation and ZeRO hooks in step.
                 loss = sum((p * 0).sum() for p in engine.module.parameters() if p.requires_grad)
@@ -242,7 +243,7 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train until ``train.steps``, checkpointing on the way; returns the last step's logs."""
         if self.job.output.resume and self.resume() and self.rank == 0:
-            tqdm.write(f"resumed from step {self.step} in {self.ckpt_root}")
+            tqdm.write(f"resumed from step {self.step} in {self.ckpt_root}", file=sys.stderr)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "job.json").write_text(json.dumps(to_dict(self.job), indent=1))
