@@ -51,7 +51,7 @@ def _sample(args: argparse.Namespace) -> None:
     from distill.video import to_uint8, upscale_nearest, write_gif, write_video
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    teacher = teachers.load(args.family, args.teacher).to(device).eval()
+    teacher = teachers.load_spec(args.teacher, args.family).to(device).eval()
     if teacher.latent_channels != 3:
         raise SystemExit(f"{args.teacher} generates {teacher.latent_channels}-channel latents; this command writes "
                          "pixel-space (3-channel) models' samples directly and has no VAE decoder yet")
@@ -71,6 +71,49 @@ def _sample(args: argparse.Namespace) -> None:
     writer(args.out, frames, fps=args.fps)
     print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}, "
           f"{args.steps} steps in {seconds:.2f} s on {device}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    """Probe accuracy, FVD-probe and seconds per video of the teacher's Euler sampler at several step counts."""
+    import torch
+
+    import teachers
+    from distill.text import TextEncoder
+    from distill.video import grid, to_uint8, upscale_nearest, write_gif
+    from eval.evaluate import evaluate, teacher_sampler
+    from eval.probe import Probe, reference_features
+    from eval.results import write_results
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher = teachers.load_spec(args.teacher, args.family).to(device).eval()
+    probe = Probe.load(device=device)
+    encoder = TextEncoder.from_pretrained(device=device)
+    real = reference_features(probe, args.num, args.frames, args.height, args.width)
+    rows, strips = [], []
+    for steps in args.steps:
+        result = evaluate(teacher_sampler(teacher, steps, args.guidance), probe, encoder, args.num, device,
+                          args.frames, args.height, args.width, args.batch_size, real_features=real)
+        videos = result.pop("videos")
+        strips.append(grid([to_uint8(v) for v in videos[:args.grid_count]], nrow=args.grid_count))
+        model = "teacher" if steps == max(args.steps) else "naive"
+        rows.append({"model": model, "method": "flow", "steps": steps, "guidance": args.guidance, **result})
+        print(f"{model:8s} steps={steps:3d}  accuracy={result['accuracy']:.3f}  fvd_probe={result['fvd_probe']:9.3f}"
+              f"  sec/video={result['sec_per_video']:.4f}")
+    notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed), batch {args.batch_size}, "
+             f"guidance {args.guidance}; FVD-probe against {args.num} unseen real clips; sec_per_video = batched "
+             "sampling wall time / videos, text encoding excluded.")
+    if args.out:
+        write_results(args.out, rows, device, notes, append=args.append)
+        print(f"wrote {args.out}")
+    if args.grid:
+        import numpy as np
+
+        write_gif(args.grid, upscale_nearest(np.concatenate(strips, axis=1), args.scale), fps=8)
+        print(f"wrote {args.grid}: one row per step count {args.steps}")
+    print(f"{'model':8s} {'steps':>5s} {'accuracy':>9s} {'fvd_probe':>10s} {'sec/video':>10s}")
+    for row in rows:
+        print(f"{row['model']:8s} {row['steps']:5d} {row['accuracy']:9.3f} {row['fvd_probe']:10.3f} "
+              f"{row['sec_per_video']:10.4f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     sample = commands.add_parser("sample", help="sample a video from a teacher with the Euler sampler")
-    sample.add_argument("--teacher", required=True, help="preset name, config .json, or local model directory")
+    sample.add_argument("--teacher", required=True,
+                        help="'tiny' (shipped), a preset name, a config .json, or a local model directory")
     sample.add_argument("--family", default="wan", help="teacher family (default: wan)")
     sample.add_argument("--prompt", required=True)
     sample.add_argument("--negative-prompt", default="")
@@ -112,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale for viewing")
     sample.add_argument("--out", required=True, help="output .mp4 or .gif")
     sample.set_defaults(func=_sample)
+    evaluate = commands.add_parser("eval", help="probe accuracy, FVD-probe and speed of a teacher's sampler")
+    evaluate.add_argument("--teacher", default="tiny", help="'tiny' (shipped), a preset, config or directory")
+    evaluate.add_argument("--family", default="wan")
+    evaluate.add_argument("--steps", type=int, nargs="+", default=[50, 4, 2, 1])
+    evaluate.add_argument("--guidance", type=float, default=4.0)
+    evaluate.add_argument("--num", type=int, default=256, help="videos per step count")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--frames", type=int, default=16)
+    evaluate.add_argument("--height", type=int, default=32)
+    evaluate.add_argument("--width", type=int, default=32)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--out", help="results JSON (eval/results/...)")
+    evaluate.add_argument("--append", action="store_true", help="add rows to an existing results file")
+    evaluate.add_argument("--grid", help="write a GIF: one row of videos per step count")
+    evaluate.add_argument("--grid-count", type=int, default=8, help="videos per grid row")
+    evaluate.add_argument("--scale", type=int, default=3)
+    evaluate.set_defaults(func=_eval)
     return parser
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "main",
     "reference_features",
     "render_batch",
+    "validation_clips",
     "train_probe",
 ]
 
@@ -177,6 +178,15 @@ class Probe:
             raise ValueError(f"{weights_file}: missing tensors {sorted(missing)}, unexpected tensors {sorted(unexpected)}")
         net.load_state_dict(state)
         return cls(net, config, device)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (weights on the CPU, contiguous) into directory ``path``."""
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(root / WEIGHTS_NAME), metadata={"format": "pt", "model": "ProbeNet"})
+        config = dict(self.config, architecture=self.net.config())
+        (root / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @torch.no_grad()
     def _run(self, videos: Tensor | Sequence[Tensor], batch_size: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -346,7 +356,9 @@ def augment(videos: Tensor, generator: torch.Generator, max_noise: float = 0.35)
     return x
 
 
-def _validation_set(num: int, seed: int, frames: int, height: int, width: int) -> tuple[Tensor, list[dict[str, str]], list[bool]]:
+def validation_clips(
+    num: int, seed: int = VALIDATION_SEED, frames: int = 16, height: int = 32, width: int = 32
+) -> tuple[Tensor, list[dict[str, str]], list[bool]]:
     """Held-out clean clips with labels and, per clip, whether ``bounce`` is visible in it."""
     videos, labels, visible = [], [], []
     for i in range(num):
@@ -429,7 +441,7 @@ def train_probe(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        value = float(loss)
+        value = float(loss.detach())
         running = value if running is None else 0.98 * running + 0.02 * value
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step):.2e}")
@@ -457,7 +469,7 @@ def train_probe(
         },
     }
     probe = Probe(net, config, dev)
-    videos, labels, visible = _validation_set(num_val, VALIDATION_SEED, frames, height, width)
+    videos, labels, visible = validation_clips(num_val, VALIDATION_SEED, frames, height, width)
     clean = _validate(probe, videos, labels, visible)
     noise_gen = torch.Generator().manual_seed(VALIDATION_SEED)
     noisy = {}
@@ -469,9 +481,8 @@ def train_probe(
         "clean": {k: round(v, 4) for k, v in clean.items()},
         "gaussian_noise": {k: {a: round(v, 4) for a, v in acc.items()} for k, acc in noisy.items()},
     }
-    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "model": "ProbeNet"})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    probe.config = config
+    probe.save(out)
     return clean
 
 

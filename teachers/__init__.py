@@ -19,7 +19,21 @@ def _wan(source, schedule=None, dtype=torch.float32) -> Denoiser:
     return WanDenoiser.load(source, schedule, dtype)
 
 
-REGISTRY: dict[str, Loader] = {"wan": _wan}
+TINY_DIR = Path(__file__).parent / "tiny"
+
+
+def _tiny(source=None, schedule=None, dtype=torch.float32) -> Denoiser:
+    """The teacher this project trains and ships (jobs/tiny_teacher.toml): Wan architecture, pixel space."""
+    from teachers.wan import WanDenoiser
+
+    path = Path(source or TINY_DIR)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the shipped tiny teacher is missing: no {path / 'config.json'}")
+    return WanDenoiser.from_pretrained(path, schedule, dtype)
+
+
+REGISTRY: dict[str, Loader] = {"wan": _wan, "tiny": _tiny}
+SHIPPED = ("tiny",)  # names that load without a source
 
 
 def register(name: str, loader: Loader) -> None:
@@ -27,12 +41,20 @@ def register(name: str, loader: Loader) -> None:
     REGISTRY[name] = loader
 
 
-def load(name: str, source: str | Path | dict[str, Any], schedule: Schedule | None = None,
+def load(name: str, source: str | Path | dict[str, Any] | None = None, schedule: Schedule | None = None,
          dtype: torch.dtype = torch.float32) -> Denoiser:
-    """``teachers.load("wan", "wan2.1-t2v-1.3b")``, ``teachers.load("wan", "/models/Wan2.1-T2V-1.3B-Diffusers")``."""
+    """``teachers.load("tiny")``, ``teachers.load("wan", "wan2.1-t2v-1.3b")``,
+    ``teachers.load("wan", "/models/Wan2.1-T2V-1.3B-Diffusers")``."""
     if name not in REGISTRY:
         raise ValueError(f"unknown teacher family {name!r}; known: {sorted(REGISTRY)}")
+    if source is None and name not in SHIPPED:
+        raise ValueError(f"teacher family {name!r} needs a source: a preset, config or local directory")
     return REGISTRY[name](source, schedule=schedule, dtype=dtype)
 
 
-__all__ = ["Denoiser", "REGISTRY", "load", "register"]
+def load_spec(spec: str, family: str = "wan", dtype: torch.dtype = torch.float32) -> Denoiser:
+    """A command line's ``--teacher``: a shipped name (``tiny``) or a source of ``family``."""
+    return load(spec, dtype=dtype) if spec in SHIPPED else load(family, spec, dtype=dtype)
+
+
+__all__ = ["Denoiser", "REGISTRY", "SHIPPED", "load", "load_spec", "register"]

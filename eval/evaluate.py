@@ -1,0 +1,85 @@
+"""Quality and speed of a sampler on the synthetic domain: probe attribute accuracy against the prompts,
+FVD-probe against real clips, and wall time per video (the numbers of eval/results/*.json)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from distill.conditioning import Conditioning
+from distill.data.synthetic import caption, sample_labels
+from distill.schedule import euler_sample
+from distill.text import TextEncoder
+from eval.probe import Probe, attribute_accuracy, fvd_probe, reference_features
+from teachers.base import Denoiser
+
+EVAL_PROMPT_SEED = 20_241_124
+Sampler = Callable[[Conditioning, Tensor], Tensor]  # (conditions, noise) -> videos in [-1, 1]
+
+
+def eval_prompts(num: int, seed: int = EVAL_PROMPT_SEED) -> tuple[list[str], list[dict[str, str]]]:
+    """``num`` captions with the attribute labels they state, drawn like the training data but from their own seed."""
+    rng = np.random.default_rng(seed)
+    labels = [sample_labels(rng) for _ in range(num)]
+    return [caption(lab, rng) for lab in labels], labels
+
+
+def teacher_sampler(teacher: Denoiser, steps: int, guidance: float) -> Sampler:
+    """The teacher's Euler sampler with CFG; with few steps it is the naive baseline distillation must beat."""
+    return lambda cond, noise: euler_sample(lambda x, t: teacher.guided(x, t, cond, guidance), noise,
+                                            teacher.schedule, steps)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(sampler: Sampler, captions: list[str], text_encoder: TextEncoder, shape: tuple[int, int, int, int],
+             device: torch.device, batch_size: int = 64, seed: int = 0, negative_prompt: str = "",
+             progress: bool = True) -> tuple[Tensor, float]:
+    """Videos ``[N, C, T, H, W]`` (float32, CPU) for the captions, and the sampling wall time in seconds.
+
+    Noise is seeded per batch, so two samplers given the same seed start from the same noise. Text encoding
+    is outside the timed region; a warm-up call precedes it.
+    """
+    negative, negative_mask = text_encoder.encode([negative_prompt])
+    videos, seconds = [], 0.0
+    for start in tqdm(range(0, len(captions), batch_size), desc="generate", disable=not progress, leave=False):
+        chunk = captions[start:start + batch_size]
+        text, mask = text_encoder.encode(chunk)
+        cond = Conditioning(text, mask, negative.expand(len(chunk), -1, -1), negative_mask.expand(len(chunk), -1))
+        cond = cond.to(device)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        noise = torch.randn(len(chunk), *shape, generator=generator).to(device)
+        with torch.no_grad():
+            if start == 0:
+                sampler(cond.index(slice(0, 1)), noise[:1])  # warm-up: kernels, allocator, caches
+            _sync(device)
+            began = time.perf_counter()
+            video = sampler(cond, noise)
+            _sync(device)
+        seconds += time.perf_counter() - began
+        videos.append(video.float().clamp(-1, 1).cpu())
+    return torch.cat(videos), seconds
+
+
+def evaluate(sampler: Sampler, probe: Probe, text_encoder: TextEncoder, num: int, device: torch.device,
+             frames: int = 16, height: int = 32, width: int = 32, batch_size: int = 64, seed: int = 0,
+             real_features: Tensor | None = None) -> dict:
+    """Accuracy (mean over attributes), per-attribute accuracy, FVD-probe and seconds per video for one sampler."""
+    captions, labels = eval_prompts(num)
+    videos, seconds = generate(sampler, captions, text_encoder, (3, frames, height, width), device, batch_size, seed)
+    if real_features is None:
+        real_features = reference_features(probe, num, frames, height, width)
+    accuracy = attribute_accuracy(probe.predict(videos), labels)
+    return {"accuracy": round(accuracy["mean"], 4),
+            "accuracy_per_attribute": {k: round(v, 4) for k, v in accuracy.items() if k != "mean"},
+            "fvd_probe": round(fvd_probe(probe, videos, real_features), 3),
+            "sec_per_video": round(seconds / num, 5), "num_videos": num, "batch_size": batch_size,
+            "videos": videos}
