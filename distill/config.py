@@ -83,6 +83,7 @@ class TrainConfig:
     keep_last: int = 2
     on_nonfinite: str = "stop"  # "stop" or "skip" (the bad micro-batch contributes no gradient)
     device: str = "auto"  # "auto", "cpu", "cuda"
+    max_minutes: float = 0.0  # stop cleanly (checkpoint, export) after this wall time; 0 = no limit
 
 
 @dataclass
@@ -189,6 +190,8 @@ def validate(job: JobConfig, where: str = "job") -> JobConfig:
             raise ConfigError(f"{where}: {key} must be > 0, got {_get(job, key)!r}")
     if not 0.0 <= job.method.cfg_dropout < 1.0:
         raise ConfigError(f"{where}: method.cfg_dropout must be in [0, 1), got {job.method.cfg_dropout}")
+    if job.train.max_minutes < 0:
+        raise ConfigError(f"{where}: train.max_minutes must be >= 0, got {job.train.max_minutes}")
     if not 0.0 <= job.train.ema_decay < 1.0:
         raise ConfigError(f"{where}: train.ema_decay must be in [0, 1), got {job.train.ema_decay}")
     if job.deepspeed.zero_stage not in (0, 1, 2, 3):

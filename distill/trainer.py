@@ -240,6 +240,15 @@ class Trainer:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, record["step"])
 
+    def _out_of_time(self, start: float) -> bool:
+        """Whether ``train.max_minutes`` has passed; every rank takes rank 0's answer."""
+        if not self.job.train.max_minutes:
+            return False
+        flag = torch.tensor([float(time.perf_counter() - start > 60 * self.job.train.max_minutes)],
+                            device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def fit(self) -> dict[str, float]:
         """Train until ``train.steps``, checkpointing on the way; returns the last step's logs."""
         if self.job.output.resume and self.resume() and self.rank == 0:
@@ -261,8 +270,13 @@ class Trainer:
                 self._log({"step": self.step, **logs, "skipped": self.skipped,
                            "lr": self.engines["generator"].get_lr()[0] if "generator" in self.engines else None,
                            "sec": round(time.perf_counter() - start, 3)})
-            if self.step % train.checkpoint_every == 0 or self.step == train.steps:
+            out_of_time = self._out_of_time(start)
+            if self.step % train.checkpoint_every == 0 or self.step == train.steps or out_of_time:
                 self.save_checkpoint()
+            if out_of_time:
+                self._log({"step": self.step, "event": "stopped: train.max_minutes reached",
+                           "sec": round(time.perf_counter() - start, 3)})
+                break
         bar.close()
         return logs
 
