@@ -108,7 +108,11 @@ def _eval(args: argparse.Namespace) -> None:
     if args.grid:
         import numpy as np
 
-        write_gif(args.grid, upscale_nearest(np.concatenate(strips, axis=1), args.scale), fps=8)
+        frames = upscale_nearest(np.concatenate(strips, axis=1), args.scale)
+        if args.grid.endswith(".npy"):  # raw frames, for machines without a video encoder
+            np.save(args.grid, frames)
+        else:
+            write_gif(args.grid, frames, fps=8)
         print(f"wrote {args.grid}: one row per step count {args.steps}")
     print(f"{'model':8s} {'steps':>5s} {'accuracy':>9s} {'fvd_probe':>10s} {'sec/video':>10s}")
     for row in rows:
@@ -169,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--out", help="results JSON (eval/results/...)")
     evaluate.add_argument("--append", action="store_true", help="add rows to an existing results file")
-    evaluate.add_argument("--grid", help="write a GIF: one row of videos per step count")
+    evaluate.add_argument("--grid", help="write a GIF (or raw frames, .npy): one row of videos per step count")
     evaluate.add_argument("--grid-count", type=int, default=8, help="videos per grid row")
     evaluate.add_argument("--scale", type=int, default=3)
     evaluate.set_defaults(func=_eval)

@@ -11,7 +11,7 @@ ATTRIBUTES. It judges generated videos two ways:
 
 Training adds noise, blur and brightness/contrast jitter so the probe still reads imperfect
 generated videos; held-out validation uses clean clips. ``python -m eval.probe train --out
-eval/probe_weights --steps 6000 --device cpu`` reproduces the shipped weights in
+eval/probe_weights --steps 5000 --device cpu`` reproduces the shipped weights in
 ``eval/probe_weights/`` (``config.json`` + ``model.safetensors``).
 
 A caveat of the domain: ``bounce`` is only visible if the shape reaches a wall during the clip;
@@ -385,7 +385,7 @@ def _validate(probe: Probe, videos: Tensor, labels: list[dict[str, str]], visibl
 
 def train_probe(
     out_dir: str | Path,
-    steps: int = 6000,
+    steps: int = 5000,
     batch_size: int = 32,
     lr: float = 2e-3,
     device: str = "cpu",
@@ -424,7 +424,9 @@ def train_probe(
             return lr * (step + 1) / warmup
         return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-    targets_of = lambda labels: {a: torch.tensor([ATTRIBUTES[a].index(l[a]) for l in labels], device=dev) for a in ATTRIBUTES}  # noqa: E731
+    def targets_of(labels: list[dict[str, str]]) -> dict[str, Tensor]:
+        return {a: torch.tensor([ATTRIBUTES[a].index(lab[a]) for lab in labels], device=dev) for a in ATTRIBUTES}
+
     t0 = time.time()
     net.train()
     bar = tqdm(range(steps), desc="train probe", disable=not progress, dynamic_ncols=True)
@@ -478,6 +480,8 @@ def train_probe(
     config["validation"] = {
         "num_clips": num_val,
         "seed": VALIDATION_SEED,
+        "notes": "bounce is invisible when the shape never reaches a wall (fraction_bounce_visible < 1), so "
+        "'bounce' and 'mean' are capped; bounce_visible/mean_visible count bounce only where it can be seen",
         "clean": {k: round(v, 4) for k, v in clean.items()},
         "gaussian_noise": {k: {a: round(v, 4) for a, v in acc.items()} for k, acc in noisy.items()},
     }
@@ -496,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a probe on rendered clips and write config.json + model.safetensors")
     tr.add_argument("--out", required=True, help="output directory (eval/probe_weights for the shipped probe)")
-    tr.add_argument("--steps", type=int, default=6000)
+    tr.add_argument("--steps", type=int, default=5000)
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--device", default="cpu")
