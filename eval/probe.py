@@ -16,8 +16,8 @@ eval/probe_weights --steps 5000 --device cpu`` reproduces the shipped weights in
 
 A caveat of the domain: ``bounce`` is only visible if the shape reaches a wall during the clip;
 a slow shape starting mid-frame never does, and then "bouncing" and "wrapping" clips are
-pixel-identical (about 30 % of clips at 16 frames). No classifier can beat chance on those, so the
-clean bounce accuracy is capped near 85 %; validation also reports ``bounce_visible`` (accuracy
+pixel-identical (about a third of clips at 16x32x32). No classifier beats chance on those, so the
+clean bounce accuracy is capped near 83-85 %; validation also reports ``bounce_visible`` (accuracy
 on clips where bouncing and wrapping render differently) and ``mean_visible``.
 """
 
