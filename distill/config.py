@@ -42,6 +42,7 @@ class DataConfig:
     width: int = 32
     batch_size: int = 8
     num_samples: int = 100_000  # size of the synthetic dataset (its index space)
+    pool: int = 0  # > 0: render and encode this many synthetic clips once, on the device, and draw from them
     negative_prompt: str = ""  # the unconditional context for CFG
     on_error: str = "warn"  # corrupt shards: "warn" (skip and count) or "raise"
 

@@ -6,6 +6,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from distill.conditioning import Batch, Conditioning
 from distill.config import DataConfig
@@ -30,6 +31,16 @@ class BatchSource:
         self._next = 0
         if data.kind == "synthetic":
             self.synthetic = MovingShapes(data.num_samples, data.frames, data.height, data.width, seed=seed)
+            self._pool = self._render_pool(data.pool) if data.pool else None
+
+    def _render_pool(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
+        """Clips ``0 .. size-1`` with their text embeddings, rendered and encoded once and kept on the
+        device: on a GPU, per-step rendering and encoding would otherwise cost more than the model."""
+        items = [self.synthetic[i] for i in tqdm(range(size), desc="render pool", leave=False)]
+        videos = torch.stack([item["video"] for item in items]).to(self.device)
+        text, mask = zip(*(self._encode([item["caption"] for item in items[i:i + 256]])
+                           for i in range(0, size, 256)))
+        return videos, torch.cat(text), torch.cat(mask), items
 
     def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_encoder is None:
@@ -45,6 +56,12 @@ class BatchSource:
 
     def _synthetic(self, n: int) -> Batch:
         rng = np.random.default_rng([self.seed, self.rank, n])
+        if self._pool is not None:
+            videos, text, mask, items = self._pool
+            index = torch.as_tensor(rng.integers(len(items), size=self.data.batch_size), device=self.device)
+            chosen = [items[i] for i in index.tolist()]
+            return Batch(videos[index], self._conditioning(text[index], mask[index]),
+                         [item["caption"] for item in chosen], [item["labels"] for item in chosen])
         items = [self.synthetic[int(i)] for i in rng.integers(len(self.synthetic), size=self.data.batch_size)]
         captions = [item["caption"] for item in items]
         latents = torch.stack([item["video"] for item in items]).to(self.device)
