@@ -29,7 +29,7 @@ def git_commit() -> str:
                                text=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("DISTILL_GIT_COMMIT", "unknown")  # set it where the tree travels without .git
 
 
 def command_line() -> str:
