@@ -54,6 +54,9 @@ class MethodConfig:
     cfg_dropout: float = 0.1  # flow matching: probability of training on the negative prompt
     critic_steps: int = 1  # critic/discriminator updates per generator update (two time-scale rule)
     weights: dict[str, float] = field(default_factory=dict)  # named loss terms and their weights
+    student_steps: int = 4  # the few-step student's step count (distillation methods)
+    t_min: float = 0.02  # range of the noise levels at which DMD compares real and fake scores
+    t_max: float = 0.98
 
 
 @dataclass
@@ -126,7 +129,7 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
 }
 _POSITIVE = ("data.frames", "data.height", "data.width", "data.batch_size", "data.num_samples", "train.steps",
-             "train.grad_accum", "train.checkpoint_every", "train.keep_last", "method.critic_steps", "logging.every",
+             "train.grad_accum", "train.checkpoint_every", "train.keep_last", "method.critic_steps", "method.student_steps", "logging.every",
              "optim.lr")
 
 

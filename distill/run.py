@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -52,5 +53,6 @@ def train(job: JobConfig) -> Path:
         generator = build_model(job)
         generator.load_state_dict(weights)
         generator.save_pretrained(out, dtype=DTYPES[job.output.dtype])
+        (out / "method.json").write_text(json.dumps(method.describe(), indent=1))
     dist.barrier()
     return out

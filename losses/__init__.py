@@ -14,7 +14,16 @@ def build(job: JobConfig) -> Method:
 
         return FlowMatchingMethod(time_distribution=job.schedule.time_distribution,
                                   cfg_dropout=job.method.cfg_dropout)
-    raise ValueError(f"unknown method {name!r}; known: ['flow']")
+    if name == "dmd":
+        from distill.schedule import make_schedule
+        from losses.dmd import DMDMethod
+
+        schedule = make_schedule(job.schedule.kind, shift=job.schedule.shift)
+        times = schedule.timesteps(job.method.student_steps)[:-1].tolist()
+        return DMDMethod(times=times, guidance=job.method.guidance, t_min=job.method.t_min, t_max=job.method.t_max,
+                         time_distribution=job.schedule.time_distribution,
+                         weights=job.method.weights or {"dmd": 1.0})
+    raise ValueError(f"unknown method {name!r}; known: ['dmd', 'flow']")
 
 
 __all__ = ["Method", "build"]

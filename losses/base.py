@@ -25,5 +25,9 @@ class Method(Protocol):
         """``(trainable, frozen)`` networks built from the job's model (e.g. student and critic from a teacher)."""
         ...
 
+    def describe(self) -> dict:
+        """What an exported model needs to know of how it was trained (e.g. a student's step list)."""
+        ...
+
     def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]:
         ...

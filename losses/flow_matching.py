@@ -47,6 +47,9 @@ class FlowMatchingMethod:
     def networks(self, model: Denoiser) -> tuple[Networks, Networks]:
         return {"generator": model}, {}
 
+    def describe(self) -> dict:
+        return {"method": "flow"}
+
     def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]:
         if batch.latents is None:
             raise ValueError("flow matching needs latents in the batch (prompt-only data has none)")

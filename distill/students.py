@@ -1,0 +1,57 @@
+"""Few-step students built from a teacher, and the multi-step sampler they are trained and used with.
+
+A student is a copy of the teacher's network with its own short step list (e.g. 4 steps at
+1000/750/500/250 on the teacher's 1000-step scale, shifted like the teacher's schedule). At each step it
+predicts ``x0`` and the next state is that prediction re-noised to the next time with fresh noise: the
+multi-step generator of DMD2 (Yin et al. 2024) and consistency models (Song et al. 2023).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+
+from distill.conditioning import Conditioning
+from teachers.base import Denoiser
+
+
+def student_times(teacher: Denoiser, steps: int) -> list[float]:
+    """The ``steps`` start times of a few-step student, on the teacher's shifted grid."""
+    return teacher.schedule.timesteps(steps)[:-1].tolist()
+
+
+def make_student(teacher: Denoiser) -> Denoiser:
+    """A trainable copy of the teacher (the DMD/consistency initialisation)."""
+    student = copy.deepcopy(teacher)
+    student.requires_grad_(True).train()
+    return student
+
+
+def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device).to(x.device, x.dtype)
+
+
+def rollout(student: Denoiser, noise: Tensor, cond: Conditioning, times: list[float], upto: int,
+            generator: torch.Generator | None = None) -> Tensor:
+    """The state ``x_{t_upto}`` that the student's own sampling reaches from ``noise`` (no gradient).
+
+    DMD2's backward simulation: the generator is trained on the inputs it meets at inference.
+    """
+    x = noise
+    with torch.no_grad():
+        for k in range(upto):
+            t = torch.full((x.shape[0],), times[k], device=x.device)
+            x0 = student.denoise(x, t, cond)
+            x = student.schedule.add_noise(x0, _noise_like(x0, generator), times[k + 1])
+    return x
+
+
+def few_step_sample(student: Denoiser, noise: Tensor, cond: Conditioning, times: list[float],
+                    generator: torch.Generator | None = None) -> Tensor:
+    """Generate with the student's step list: ``x0`` of its last step."""
+    x = rollout(student, noise, cond, times, len(times) - 1, generator)
+    with torch.no_grad():
+        return student.denoise(x, torch.full((x.shape[0],), times[-1], device=x.device), cond)
