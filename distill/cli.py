@@ -120,6 +120,13 @@ def _eval(args: argparse.Namespace) -> None:
               f"{row['sec_per_video']:10.4f}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from distill.export import export_diffusers
+
+    out = export_diffusers(args.model, args.out)
+    print(f"exported {args.model} as {args.format} to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale for viewing")
     sample.add_argument("--out", required=True, help="output .mp4 or .gif")
     sample.set_defaults(func=_sample)
+    export = commands.add_parser("export", help="export a trained model directory (diffusers)")
+    export.add_argument("--model", required=True, help="a trained model directory (<output.dir>/model)")
+    export.add_argument("--format", choices=["diffusers"], default="diffusers")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=_export)
+
     evaluate = commands.add_parser("eval", help="probe accuracy, FVD-probe and speed of a teacher's sampler")
     evaluate.add_argument("--teacher", default="tiny", help="'tiny' (shipped), a preset, config or directory")
     evaluate.add_argument("--family", default="wan")

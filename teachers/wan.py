@@ -152,6 +152,9 @@ def _cast(transformer: WanTransformer3DModel, dtype: torch.dtype) -> WanTransfor
 
 def _pipeline_schedule(pipeline_dir: Path) -> Schedule:
     """The flow shift recorded in a Wan pipeline's scheduler config (1.0 when absent)."""
+    if (pipeline_dir / "transformer" / "schedule.json").is_file():  # exported by this project
+        return schedule_from_dict(json.loads((pipeline_dir / "transformer" / "schedule.json").read_text()))
     config_file = pipeline_dir / "scheduler" / "scheduler_config.json"
-    shift = json.loads(config_file.read_text()).get("flow_shift", 1.0) if config_file.is_file() else 1.0
-    return FlowMatching(shift=float(shift or 1.0))
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    shift = config.get("flow_shift") or config.get("shift") or 1.0  # UniPC/DPM name it flow_shift, FlowMatchEuler shift
+    return FlowMatching(shift=float(shift))

@@ -92,3 +92,25 @@ def test_dmd_job_trains_student_and_critic_and_exports_the_step_list(tmp_path):
     teacher = build_model(load_job(JOB)).state_dict()
     student = WanDenoiser.from_pretrained(out).state_dict()
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+
+
+def test_exported_student_loads_in_stock_diffusers(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    import teachers
+    from distill.cli import main
+
+    model = train(load_job(JOB, [f"output.dir='{tmp_path / 'run'}'", "train.steps=1", "schedule.shift=3.0"]))
+    main(["export", "--model", str(model), "--format", "diffusers", "--out", str(tmp_path / "export")])
+    transformer = WanTransformer3DModel.from_pretrained(tmp_path / "export", subfolder="transformer")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path / "export", subfolder="scheduler")
+    times = json.loads((tmp_path / "export" / "method.json").read_text())["timesteps"]
+    card = (tmp_path / "export" / "README.md").read_text()
+    sigmas = json.loads(card.split("set_timesteps(sigmas=")[1].split(")")[0])
+    scheduler.set_timesteps(sigmas=sigmas)
+    torch.testing.assert_close(scheduler.sigmas[:-1], torch.tensor(times), atol=1e-5, rtol=0)
+    assert scheduler.config.stochastic_sampling
+    ours = teachers.load("wan", str(tmp_path / "export"))
+    assert ours.schedule.shift == 3.0
+    original = ours.transformer.state_dict()
+    assert all(torch.equal(v, transformer.state_dict()[k]) for k, v in original.items())
