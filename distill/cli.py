@@ -127,6 +127,57 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported {args.model} as {args.format} to {out}")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    """Distil the shipped tiny teacher into a 4-step student, export it, and compare it with the teacher."""
+    import json
+
+    import numpy as np
+    import torch
+
+    import teachers
+    from distill.config import load_job
+    from distill.export import export_diffusers
+    from distill.run import train
+    from distill.students import few_step_sample
+    from distill.text import TextEncoder
+    from distill.video import grid, to_uint8, upscale_nearest, write_gif
+    from eval.evaluate import evaluate, teacher_sampler
+    from eval.probe import Probe, reference_features
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    overrides = [f"output.dir='{args.out}'", f"train.device='{device}'"] + args.set
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    job = load_job(args.job, overrides)
+    student_dir = export_diffusers(train(job), Path(args.out) / "student")
+    times = json.loads((student_dir / "method.json").read_text())["timesteps"]
+
+    dev = torch.device(device)
+    teacher = teachers.load("tiny").to(dev).eval()
+    student = teachers.load("wan", str(student_dir)).to(dev).eval()
+    probe, encoder = Probe.load(device=dev), TextEncoder.from_pretrained(device=dev)
+    real = reference_features(probe, args.num)
+    samplers = {
+        f"teacher ({args.teacher_steps} steps)": teacher_sampler(teacher, args.teacher_steps, job.method.guidance),
+        f"naive ({len(times)} steps)": teacher_sampler(teacher, len(times), job.method.guidance),
+        f"student ({len(times)} steps)": lambda cond, noise: few_step_sample(student, noise, cond, times),
+    }
+    rows, strips = {}, []
+    for name, sampler in samplers.items():
+        result = evaluate(sampler, probe, encoder, args.num, dev, batch_size=args.num, real_features=real)
+        strips.append(grid([to_uint8(v) for v in result.pop("videos")[:8]], nrow=8))
+        rows[name] = result
+    write_gif(Path(args.out) / "teacher_naive_student.gif", upscale_nearest(np.concatenate(strips, axis=1), 3))
+    base = rows[next(iter(rows))]["sec_per_video"]
+    print(f"\n{'sampler':22s} {'accuracy':>9s} {'fvd_probe':>10s} {'sec/video':>10s} {'speed-up':>9s}")
+    for name, r in rows.items():
+        print(f"{name:22s} {r['accuracy']:9.3f} {r['fvd_probe']:10.1f} {r['sec_per_video']:10.4f} "
+              f"{base / r['sec_per_video']:8.1f}x")
+    print(f"{args.num} prompts; student exported to {student_dir}; grid (rows: teacher, naive, student) in "
+          f"{Path(args.out) / 'teacher_naive_student.gif'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale for viewing")
     sample.add_argument("--out", required=True, help="output .mp4 or .gif")
     sample.set_defaults(func=_sample)
+    demo = commands.add_parser("demo", help="distil the shipped tiny teacher into a 4-step student and compare")
+    demo.add_argument("--job", default=str(Path(__file__).resolve().parents[1] / "jobs" / "demo_tiny_dmd.toml"))
+    demo.add_argument("--steps", type=int, default=0, help="training steps (default: the job file's)")
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--num", type=int, default=16, help="prompts to compare on")
+    demo.add_argument("--teacher-steps", type=int, default=50)
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a job setting")
+    demo.set_defaults(func=_demo)
+
     export = commands.add_parser("export", help="export a trained model directory (diffusers)")
     export.add_argument("--model", required=True, help="a trained model directory (<output.dir>/model)")
     export.add_argument("--format", choices=["diffusers"], default="diffusers")

@@ -20,7 +20,7 @@ class ModelConfig:
     """The network being trained (a teacher) or distilled from (the teacher of a student)."""
 
     family: str = "wan"
-    source: str = "tiny-random"  # preset name, local diffusers directory, or config .json
+    source: str = ""  # preset name, local diffusers directory or config .json; empty for shipped "tiny"
     config: dict[str, Any] = field(default_factory=dict)  # inline transformer config; wins over source
     dtype: str = "float32"  # weights of frozen networks; trainable ones follow the DeepSpeed precision
     gradient_checkpointing: bool = False

@@ -22,7 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def build_model(job: JobConfig, dtype: torch.dtype = torch.float32) -> Denoiser:
     """The job's model (a teacher to train or to distil) with the job's schedule."""
     schedule = make_schedule(job.schedule.kind, shift=job.schedule.shift)
-    source = job.model.config or job.model.source
+    source = job.model.config or job.model.source or None  # shipped families (tiny) need no source
     return teachers.load(job.model.family, source, schedule=schedule, dtype=dtype)
 
 

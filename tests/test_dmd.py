@@ -114,3 +114,14 @@ def test_exported_student_loads_in_stock_diffusers(tmp_path):
     assert ours.schedule.shift == 3.0
     original = ours.transformer.state_dict()
     assert all(torch.equal(v, transformer.state_dict()[k]) for k, v in original.items())
+
+
+def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
+    from distill.cli import main
+
+    main(["demo", "--steps", "1", "--num", "2", "--teacher-steps", "2", "--device", "cpu", "--out", str(tmp_path),
+          "--set", "data.frames=4"])
+    printed = capsys.readouterr().out
+    assert "student (4 steps)" in printed and "naive (4 steps)" in printed and "teacher (2 steps)" in printed
+    assert (tmp_path / "teacher_naive_student.gif").stat().st_size > 0
+    assert (tmp_path / "student" / "transformer" / "config.json").is_file()
