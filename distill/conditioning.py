@@ -66,10 +66,17 @@ class Conditioning:
 
 @dataclass
 class Batch:
-    """One micro-batch: clean latents ``[B, C, T, H, W]`` (None for prompt-only data), conditions, and
-    the captions/labels they came from (for logging and evaluation)."""
+    """One micro-batch: clean latents ``[B, C, T, H, W]`` (None for prompt-only data), conditions, the
+    captions/labels they came from (for logging and evaluation), and the latent shape to generate."""
 
     latents: Tensor | None
     cond: Conditioning
     captions: list[str]
     labels: list[dict]
+    shape: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.shape:
+            if self.latents is None:
+                raise ValueError("a Batch without latents needs its latent shape")
+            self.shape = tuple(self.latents.shape)

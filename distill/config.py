@@ -37,6 +37,7 @@ class ScheduleConfig:
 class DataConfig:
     kind: str = "synthetic"  # "synthetic" (moving shapes, rendered on the fly) or "shards"
     path: str = ""  # shard directory for kind = "shards"
+    channels: int = 3  # latent channels (3 for pixel-space tiny models, 16 for Wan's VAE)
     frames: int = 16
     height: int = 32
     width: int = 32
@@ -128,7 +129,7 @@ _CHOICES = {
     "train.on_nonfinite": ("stop", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
 }
-_POSITIVE = ("data.frames", "data.height", "data.width", "data.batch_size", "data.num_samples", "train.steps",
+_POSITIVE = ("data.channels", "data.frames", "data.height", "data.width", "data.batch_size", "data.num_samples", "train.steps",
              "train.grad_accum", "train.checkpoint_every", "train.keep_last", "method.critic_steps", "method.student_steps", "logging.every",
              "optim.lr")
 

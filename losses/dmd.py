@@ -59,10 +59,7 @@ class DMDMethod:
 
     def _generate(self, student: Denoiser, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
         """A student sample ``x0`` from one of its steps, reached by its own rollout."""
-        shape = batch.latents.shape if batch.latents is not None else None
-        if shape is None:
-            raise ValueError("DMD needs the latent shape: give the batch latents (or zeros of the right shape)")
-        device = batch.cond.text.device
+        shape, device = batch.shape, batch.cond.text.device  # DMD needs no data latents: prompts suffice
         noise = torch.randn(shape, generator=generator, device=generator.device).to(device)
         step = int(torch.randint(len(self.times), (1,), generator=generator, device=generator.device))
         x = rollout(student, noise, batch.cond, self.times, step, generator)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from distill.conditioning import Batch, Conditioning
@@ -49,10 +51,19 @@ class BatchSource:
 
     def _conditioning(self, text: torch.Tensor, mask: torch.Tensor) -> Conditioning:
         if self._negative is None:
-            self._negative = self._encode([self.data.negative_prompt])
+            self._negative = self._precomputed_negative() or self._encode([self.data.negative_prompt])
         neg, neg_mask = self._negative
         batch = text.shape[0]
         return Conditioning(text, mask, neg.expand(batch, -1, -1), neg_mask.expand(batch, -1)).to(self.device)
+
+    def _precomputed_negative(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``negative.safetensors`` (``text_emb`` ``[1, L, D]``, ``text_mask`` ``[1, L]``) beside shards whose
+        embeddings come from a text encoder this process does not load (e.g. Wan's umT5)."""
+        path = Path(self.data.path) / "negative.safetensors"
+        if self.data.kind != "shards" or not path.is_file():
+            return None
+        tensors = load_file(str(path))
+        return tensors["text_emb"].float(), tensors["text_mask"].bool()
 
     def _synthetic(self, n: int) -> Batch:
         rng = np.random.default_rng([self.seed, self.rank, n])
@@ -83,7 +94,9 @@ class BatchSource:
         else:
             text, mask = self._encode(captions)
         latents = samples["latents"].float().to(self.device) if "latents" in samples else None
-        return Batch(latents, self._conditioning(text, mask), captions, samples["labels"])
+        d = self.data
+        shape = (len(captions), d.channels, d.frames, d.height, d.width)
+        return Batch(latents, self._conditioning(text, mask), captions, samples["labels"], shape)
 
     def get(self, n: int) -> Batch:
         return self._synthetic(n) if self.data.kind == "synthetic" else self._shard(n)
