@@ -8,6 +8,14 @@ import time
 from pathlib import Path
 
 
+def _device(choice: str):
+    """``auto`` is CUDA where there is one, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if choice == "auto" and torch.cuda.is_available() else
+                        ("cpu" if choice == "auto" else choice))
+
+
 def _data_synth(args: argparse.Namespace) -> None:
     """Render moving-shapes clips, encode their captions, write webdataset shards."""
     import torch
@@ -50,7 +58,7 @@ def _sample(args: argparse.Namespace) -> None:
     from distill.text import TextEncoder
     from distill.video import to_uint8, upscale_nearest, write_gif, write_video
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     teacher = teachers.load_spec(args.teacher, args.family).to(device).eval()
     if teacher.latent_channels != 3:
         raise SystemExit(f"{args.teacher} generates {teacher.latent_channels}-channel latents; this command writes "
@@ -84,7 +92,7 @@ def _eval(args: argparse.Namespace) -> None:
     from eval.probe import Probe, reference_features
     from eval.results import write_results
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     teacher = teachers.load_spec(args.teacher, args.family).to(device).eval()
     probe = Probe.load(device=device)
     encoder = TextEncoder.from_pretrained(device=device)
@@ -144,37 +152,38 @@ def _demo(args: argparse.Namespace) -> None:
     from eval.evaluate import evaluate, teacher_sampler
     from eval.probe import Probe, reference_features
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = "cpu" if device == "auto" else device
-    overrides = [f"output.dir='{args.out}'", f"train.device='{device}'"] + args.set
+    dev = _device(args.device)
+    overrides = [f"output.dir='{args.out}'", f"train.device='{dev.type}'"] + args.set
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     job = load_job(args.job, overrides)
     student_dir = export_diffusers(train(job), Path(args.out) / "student")
     times = json.loads((student_dir / "method.json").read_text())["timesteps"]
 
-    dev = torch.device(device)
     teacher = teachers.load("tiny").to(dev).eval()
     student = teachers.load("wan", str(student_dir)).to(dev).eval()
     probe, encoder = Probe.load(device=dev), TextEncoder.from_pretrained(device=dev)
-    real = reference_features(probe, args.num)
+    # The 50-step teacher is slow on a CPU, so it is measured on fewer prompts; FVD-probe depends on the
+    # number of videos, so only rows with the same count compare on it (the student and the naive sampler).
     samplers = {
-        f"teacher ({args.teacher_steps} steps)": teacher_sampler(teacher, args.teacher_steps, job.method.guidance),
-        f"naive ({len(times)} steps)": teacher_sampler(teacher, len(times), job.method.guidance),
-        f"student ({len(times)} steps)": lambda cond, noise: few_step_sample(student, noise, cond, times),
+        f"teacher ({args.teacher_steps} steps)": (teacher_sampler(teacher, args.teacher_steps, job.method.guidance),
+                                                 args.num_teacher),
+        f"naive ({len(times)} steps)": (teacher_sampler(teacher, len(times), job.method.guidance), args.num),
+        f"student ({len(times)} steps)": (lambda cond, noise: few_step_sample(student, noise, cond, times), args.num),
     }
     rows, strips = {}, []
-    for name, sampler in samplers.items():
-        result = evaluate(sampler, probe, encoder, args.num, dev, batch_size=args.num, real_features=real)
+    for name, (sampler, num) in samplers.items():
+        real = reference_features(probe, num)
+        result = evaluate(sampler, probe, encoder, num, dev, batch_size=min(num, 64), real_features=real)
         strips.append(grid([to_uint8(v) for v in result.pop("videos")[:8]], nrow=8))
         rows[name] = result
     write_gif(Path(args.out) / "teacher_naive_student.gif", upscale_nearest(np.concatenate(strips, axis=1), 3))
     base = rows[next(iter(rows))]["sec_per_video"]
-    print(f"\n{'sampler':22s} {'accuracy':>9s} {'fvd_probe':>10s} {'sec/video':>10s} {'speed-up':>9s}")
+    print(f"\n{'sampler':22s} {'videos':>6s} {'accuracy':>9s} {'fvd_probe':>10s} {'sec/video':>10s} {'speed-up':>9s}")
     for name, r in rows.items():
-        print(f"{name:22s} {r['accuracy']:9.3f} {r['fvd_probe']:10.1f} {r['sec_per_video']:10.4f} "
-              f"{base / r['sec_per_video']:8.1f}x")
-    print(f"{args.num} prompts; student exported to {student_dir}; grid (rows: teacher, naive, student) in "
+        print(f"{name:22s} {r['num_videos']:6d} {r['accuracy']:9.3f} {r['fvd_probe']:10.1f} "
+              f"{r['sec_per_video']:10.4f} {base / r['sec_per_video']:8.1f}x")
+    print(f"student exported to {student_dir}; grid (rows: teacher, naive, student) in "
           f"{Path(args.out) / 'teacher_naive_student.gif'}")
 
 
@@ -222,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--job", default=str(Path(__file__).resolve().parents[1] / "jobs" / "demo_tiny_dmd.toml"))
     demo.add_argument("--steps", type=int, default=0, help="training steps (default: the job file's)")
     demo.add_argument("--device", default="auto")
-    demo.add_argument("--num", type=int, default=16, help="prompts to compare on")
+    demo.add_argument("--num", type=int, default=64, help="prompts for the student and the naive sampler")
+    demo.add_argument("--num-teacher", type=int, default=16, help="prompts for the (slow) teacher")
     demo.add_argument("--teacher-steps", type=int, default=50)
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a job setting")

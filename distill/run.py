@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import losses
 import teachers
@@ -39,8 +40,6 @@ def train(job: JobConfig) -> Path:
     for net in frozen.values():
         net.requires_grad_(False).eval().to(device=device, dtype=DTYPES[job.model.dtype])
     text_encoder = TextEncoder.from_pretrained(device=device)
-    import torch.distributed as dist
-
     batches = BatchSource(job.data, text_encoder, device, seed=job.train.seed, rank=dist.get_rank())
     trainer = Trainer(job, method, trainable, frozen, batches, device)
     try:

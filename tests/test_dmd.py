@@ -119,7 +119,7 @@ def test_exported_student_loads_in_stock_diffusers(tmp_path):
 def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
     from distill.cli import main
 
-    main(["demo", "--steps", "1", "--num", "2", "--teacher-steps", "2", "--device", "cpu", "--out", str(tmp_path),
+    main(["demo", "--steps", "1", "--num", "2", "--num-teacher", "2", "--teacher-steps", "2", "--device", "cpu", "--out", str(tmp_path),
           "--set", "data.frames=4"])
     printed = capsys.readouterr().out
     assert "student (4 steps)" in printed and "naive (4 steps)" in printed and "teacher (2 steps)" in printed
