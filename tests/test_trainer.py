@@ -32,6 +32,10 @@ def _start(out: Path, *extra: str) -> subprocess.Popen:
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     steps = ["--set", "train.steps=8"]
     full = _start(tmp_path / "full", *steps)
+    deadline = time.time() + 240
+    # DeepSpeed compiles its CPU communication op on first use; let one process do it before the next starts
+    while not (tmp_path / "full" / "log.jsonl").exists() and full.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
     killed_dir = tmp_path / "killed"
     victim = _start(killed_dir, *steps)
     deadline = time.time() + 240
@@ -66,6 +70,7 @@ class _Exploding:
         self.inner, self.calls, self.bad_calls = FlowMatchingMethod(), 0, bad_calls
         self.roles = self.inner.roles
         self.networks = self.inner.networks
+        self.describe = self.inner.describe
 
     def loss(self, role, nets, batch, generator):
         loss, logs = self.inner.loss(role, nets, batch, generator)
