@@ -82,10 +82,12 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    """Probe accuracy, FVD-probe and seconds per video of the teacher's Euler sampler at several step counts."""
-    import torch
+    """Probe accuracy, FVD-probe and seconds per video of the teacher's Euler sampler at several step counts,
+    and of a few-step student (a directory from ``distill train`` or ``distill export``) at subsets of its steps."""
+    import json
 
     import teachers
+    from distill.students import few_step_sample, step_subset
     from distill.text import TextEncoder
     from distill.video import grid, to_uint8, upscale_nearest, write_gif
     from eval.evaluate import evaluate, teacher_sampler
@@ -97,14 +99,22 @@ def _eval(args: argparse.Namespace) -> None:
     probe = Probe.load(device=device)
     encoder = TextEncoder.from_pretrained(device=device)
     real = reference_features(probe, args.num, args.frames, args.height, args.width)
+    runs = [("teacher" if steps == max(args.steps) else "naive", "flow", steps,
+             teacher_sampler(teacher, steps, args.guidance)) for steps in args.steps]
+    if args.student:
+        student = teachers.load("wan", args.student).to(device).eval()
+        trained = json.loads((Path(args.student) / "method.json").read_text())
+        for steps in args.student_steps:
+            times = step_subset(trained["timesteps"], steps)
+            runs.append(("student", trained["method"], steps,
+                         lambda cond, noise, times=times: few_step_sample(student, noise, cond, times)))
     rows, strips = [], []
-    for steps in args.steps:
-        result = evaluate(teacher_sampler(teacher, steps, args.guidance), probe, encoder, args.num, device,
-                          args.frames, args.height, args.width, args.batch_size, real_features=real)
+    for model, method, steps, sampler in runs:
+        result = evaluate(sampler, probe, encoder, args.num, device, args.frames, args.height, args.width,
+                          args.batch_size, real_features=real)
         videos = result.pop("videos")
         strips.append(grid([to_uint8(v) for v in videos[:args.grid_count]], nrow=args.grid_count))
-        model = "teacher" if steps == max(args.steps) else "naive"
-        rows.append({"model": model, "method": "flow", "steps": steps, "guidance": args.guidance, **result})
+        rows.append({"model": model, "method": method, "steps": steps, "guidance": args.guidance, **result})
         print(f"{model:8s} steps={steps:3d}  accuracy={result['accuracy']:.3f}  fvd_probe={result['fvd_probe']:9.3f}"
               f"  sec/video={result['sec_per_video']:.4f}")
     notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed), batch {args.batch_size}, "
@@ -249,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--family", default="wan")
     evaluate.add_argument("--steps", type=int, nargs="+", default=[50, 4, 2, 1])
     evaluate.add_argument("--guidance", type=float, default=4.0)
+    evaluate.add_argument("--student", help="a student directory (with method.json) to evaluate too")
+    evaluate.add_argument("--student-steps", type=int, nargs="+", default=[4, 2, 1],
+                          help="evaluate the student with this many of its steps (evenly chosen)")
     evaluate.add_argument("--num", type=int, default=256, help="videos per step count")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--frames", type=int, default=16)

@@ -22,6 +22,14 @@ def student_times(teacher: Denoiser, steps: int) -> list[float]:
     return teacher.schedule.timesteps(steps)[:-1].tolist()
 
 
+def step_subset(times: list[float], steps: int) -> list[float]:
+    """``steps`` of a student's trained times, evenly spaced and starting at its first: a 4-step student
+    [t0, t1, t2, t3] samples in 2 steps with [t0, t2] and in 1 with [t0]."""
+    if not 1 <= steps <= len(times) or len(times) % steps:
+        raise ValueError(f"cannot take {steps} evenly spaced steps of a {len(times)}-step student")
+    return times[::len(times) // steps]
+
+
 def make_student(teacher: Denoiser) -> Denoiser:
     """A trainable copy of the teacher (the DMD/consistency initialisation)."""
     student = copy.deepcopy(teacher)

@@ -125,3 +125,21 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
     assert "student (4 steps)" in printed and "naive (4 steps)" in printed and "teacher (2 steps)" in printed
     assert (tmp_path / "teacher_naive_student.gif").stat().st_size > 0
     assert (tmp_path / "student" / "transformer" / "config.json").is_file()
+
+
+def test_eval_reports_teacher_naive_and_student_rows(tmp_path):
+    from distill.cli import main
+    from distill.students import step_subset
+
+    assert step_subset([1.0, 0.75, 0.5, 0.25], 2) == [1.0, 0.5] and step_subset([1.0, 0.75, 0.5, 0.25], 1) == [1.0]
+    with pytest.raises(ValueError, match="evenly spaced"):
+        step_subset([1.0, 0.75, 0.5, 0.25], 3)
+    model = train(load_job(JOB, [f"output.dir='{tmp_path / 'run'}'", "train.steps=1"]))
+    out = tmp_path / "results.json"
+    main(["eval", "--teacher", "tiny-random", "--steps", "2", "1", "--student", str(model), "--student-steps", "4", "1",
+          "--num", "4", "--batch-size", "4", "--frames", "4", "--out", str(out), "--device", "cpu"])
+    record = json.loads(out.read_text())
+    assert [(r["model"], r["method"], r["steps"]) for r in record["rows"]] == [
+        ("teacher", "flow", 2), ("naive", "flow", 1), ("student", "dmd", 4), ("student", "dmd", 1)]
+    assert all(0 <= r["accuracy"] <= 1 and r["num_videos"] == 4 for r in record["rows"])
+    assert {"command", "git_commit", "device", "date", "notes"} <= set(record)
