@@ -25,8 +25,12 @@ def _losses(run: Path) -> dict[int, float]:
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "distill.cli", "train", str(JOB), "--set", f"output.dir='{out}'", *extra]
+    # A process group made earlier in this pytest process left its rendezvous in the environment; each run
+    # must make its own.
+    inherited = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONHASHSEED": "random"})
+                            env={**env, "PYTHONHASHSEED": "random"})
 
 
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
