@@ -31,6 +31,10 @@ WAN_PRESETS: dict[str, dict[str, Any]] = {
 _PRESET_SHIFT = {"wan2.1-t2v-1.3b": 3.0, "wan2.1-t2v-14b": 5.0, "tiny-random": 1.0}
 
 
+class _FeaturesReady(Exception):
+    """Raised by the hook of :meth:`WanDenoiser.features` to end the forward early."""
+
+
 class WanDenoiser(Denoiser):
     """Wraps a diffusers ``WanTransformer3DModel``: flow matching, velocity prediction, time on a 0-1000 scale.
 
@@ -78,6 +82,29 @@ class WanDenoiser(Denoiser):
             **kwargs,
         )[0]
         return out.to(x_t.dtype)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.num_attention_heads * self.config.attention_head_dim
+
+    def features(self, x_t: Tensor, t: Tensor, cond: Conditioning, layer: int | None = None) -> Tensor:
+        """Tokens ``[B, S, feature_dim]`` after block ``layer`` (default: the middle one); the forward stops
+        there. Discriminator heads read them (DMD2's GAN branch on the fake-score network)."""
+        blocks = self.transformer.blocks
+        captured: list[Tensor] = []
+
+        def stop(module, args, output):
+            captured.append(output)
+            raise _FeaturesReady
+
+        handle = blocks[len(blocks) // 2 if layer is None else layer].register_forward_hook(stop)
+        try:
+            self(x_t, t, cond)
+        except _FeaturesReady:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
 
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()

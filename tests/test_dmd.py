@@ -143,3 +143,48 @@ def test_eval_reports_teacher_naive_and_student_rows(tmp_path):
         ("teacher", "flow", 2), ("naive", "flow", 1), ("student", "dmd", 4), ("student", "dmd", 1)]
     assert all(0 <= r["accuracy"] <= 1 and r["num_videos"] == 4 for r in record["rows"])
     assert {"command", "git_commit", "device", "date", "notes"} <= set(record)
+
+
+def test_critic_features_are_the_middle_block_tokens():
+    import teachers
+
+    net = teachers.load("wan", "tiny-random")
+    x, t, cond = torch.randn(2, 3, 2, 8, 8), torch.tensor([0.3, 0.6]), Conditioning(torch.randn(2, 4, 384))
+    seen = []
+    handle = net.transformer.blocks[1].register_forward_hook(lambda m, a, out: seen.append(out))
+    full = net(x, t, cond)
+    handle.remove()
+    tokens = net.features(x, t, cond)
+    assert tokens.shape == (2, 2 * 4 * 4, net.feature_dim)
+    torch.testing.assert_close(tokens, seen[0])
+    torch.testing.assert_close(net(x, t, cond), full)  # the hook is gone
+
+
+def test_gan_terms_train_the_head_and_leave_the_critic_alone_in_generator_steps():
+    import teachers
+
+    teacher = teachers.load("wan", "tiny-random")
+    method = DMDMethod(times=[1.0, 0.5], guidance=2.0, weights={"gan": 0.5, "gan_critic": 0.5})
+    trainable, frozen_nets = method.networks(teacher)
+    nets = {**trainable, **frozen_nets}
+    cond = Conditioning(torch.randn(2, 4, 384), negative_text=torch.zeros(2, 4, 384))
+    batch = Batch(torch.rand(2, 3, 2, 8, 8) * 2 - 1, cond, ["a", "b"], [{}, {}])
+    loss, logs = method.loss("generator", nets, batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert "gan" in logs and logs["gan"] > 0
+    assert all(p.grad is None for p in nets["critic"].parameters())
+    assert all(p.requires_grad for p in nets["critic"].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets["generator"].parameters())
+    loss, logs = method.loss("critic", nets, batch, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert logs["loss"] > logs["denoise"] and logs["gan"] > 0
+    assert all(p.grad is not None for p in nets["critic"].gan_head.parameters())
+    with pytest.raises(ValueError, match="needs real clips"):
+        method.loss("critic", nets, Batch(None, cond, ["a", "b"], [{}, {}], (2, 3, 2, 8, 8)),
+                    torch.Generator().manual_seed(1))
+
+
+def test_dmd_gan_job_runs(tmp_path):
+    train(load_job(JOB, [f"output.dir='{tmp_path}'", "train.steps=1", "method.weights={gan=0.01, gan_critic=0.1}"]))
+    record = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert "critic/gan" in record and "generator/gan" in record
