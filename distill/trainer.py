@@ -116,7 +116,7 @@ class Trainer:
         import deepspeed
 
         self.job, self.method, self.batches, self.device = job, method, batches, device
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank = dist.get_rank()
         self.out = Path(job.output.dir)
         self.ckpt_root = self.out / "checkpoints"
         self.engines = {}
@@ -153,7 +153,7 @@ class Trainer:
             self.micro += 1
             loss, logs = self.method.loss(role, self.nets, batch, self._generator(role, update, micro))
             if not torch.isfinite(loss):
-                message = f"non-finite {role} loss ({loss.item()}) at step {self.step}, micro-batch {micro}"
+                message = f"non-finite {role} loss ({loss.item()}) at step {self.step + 1}, micro-batch {micro}"
                 if self.job.train.on_nonfinite == "stop":
                     raise NonFiniteLossError(message)
                 tqdm.write(f"warning: {message}: skipped", file=sys.stderr)

@@ -89,7 +89,7 @@ def test_nonfinite_loss_stops_or_skips(tmp_path, monkeypatch):
     job = load_job(JOB, [f"output.dir='{tmp_path / 'stop'}'", "train.steps=3"])
     from distill.trainer import NonFiniteLossError
 
-    with pytest.raises(NonFiniteLossError, match="non-finite generator loss .* at step 1"):
+    with pytest.raises(NonFiniteLossError, match="non-finite generator loss .* at step 2"):
         train(job)
     job = load_job(JOB, [f"output.dir='{tmp_path / 'skip'}'", "train.steps=3", "train.on_nonfinite='skip'"])
     train(job)
