@@ -122,3 +122,12 @@ def test_ema_is_exported(tmp_path):
     moved = (exported[name] - initial[name]).abs().max().item()
     # Adam moves raw weights by about lr per step (0.03 in all); the EMA only by a small fraction of that.
     assert 0 < moved < 0.003
+
+
+def test_the_shipped_teacher_job_file_runs_on_cpu_at_tiny_settings(tmp_path):
+    """jobs/tiny_teacher.toml (trained on the H100 under deepspeed) runs unchanged here with smaller data."""
+    job_file = Path(__file__).parents[1] / "jobs" / "tiny_teacher.toml"
+    overrides = [f"output.dir='{tmp_path}'", "train.device='cpu'", "data.frames=4", "data.batch_size=1",
+                 "data.pool=0", "train.steps=1", "logging.every=1", "logging.progress=false"]
+    out = train(load_job(job_file, overrides))
+    assert _losses(tmp_path)[1] > 0 and (out / "diffusion_pytorch_model.safetensors").is_file()
