@@ -81,6 +81,48 @@ def _sample(args: argparse.Namespace) -> None:
           f"{args.steps} steps in {seconds:.2f} s on {device}")
 
 
+def _eval_fvd(args: argparse.Namespace) -> None:
+    """FVD between real clips (shards or video files) and generated ones (video files, or a model directory)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from eval.fvd import FVD, get_protocol, random_clips
+    from eval.i3d import load_i3d_state_dict, load_i3d_torchscript
+    from eval.results import write_results
+    from eval.sources import generate_videos, read_videos
+
+    if not (args.real and args.fake and args.i3d):
+        raise ValueError("eval fvd needs --real, --fake and --i3d")
+    device = _device(args.device)
+    protocol = get_protocol(args.protocol)
+    torchscript = args.i3d_format == "torchscript" or (args.i3d_format == "auto" and "torchscript" in args.i3d)
+    extractor = (load_i3d_torchscript if torchscript else load_i3d_state_dict)(args.i3d, device)
+    num = args.num or protocol.num_clips
+    metric = FVD(extractor, protocol, allow_fewer=bool(args.num))
+    generator = torch.Generator().manual_seed(0)
+    count = 0
+    for clip in tqdm(read_videos(args.real, limit=num), total=num, desc="real clips"):
+        metric.update(random_clips(clip, protocol.num_frames, generator, time_dim=1)[None], real=True)
+        count += 1
+    if Path(args.fake, "method.json").is_file() or Path(args.fake, "config.json").is_file() or \
+            Path(args.fake, "transformer").is_dir():
+        fake = generate_videos(args.fake, num, (3, protocol.num_frames, args.height, args.width), device,
+                               args.batch_size, args.guidance)
+        clips = iter(fake)
+    else:
+        clips = read_videos(args.fake, limit=num)
+    for clip in tqdm(clips, total=num, desc="fake clips"):
+        metric.update(clip[:, :protocol.num_frames][None], real=False)
+    result = metric.compute()
+    print(f"FVD ({result['protocol']}): {result['fvd']:.3f} from {result['num_real']} real and "
+          f"{result['num_fake']} fake clips")
+    if args.out:
+        notes = (f"protocol {protocol.name}: {protocol.description}; I3D file {Path(args.i3d).name}; real clips "
+                 f"from {args.real} at random offsets (seed 0); fake from {args.fake}")
+        write_results(args.out, [{"model": str(args.fake), "metric": "fvd", **result}], device, notes,
+                      append=args.append)
+
+
 def _eval(args: argparse.Namespace) -> None:
     """Probe accuracy, FVD-probe and seconds per video of the teacher's Euler sampler at several step counts,
     and of a few-step student (a directory from ``distill train`` or ``distill export``) at subsets of its steps."""
@@ -94,6 +136,9 @@ def _eval(args: argparse.Namespace) -> None:
     from eval.probe import Probe, reference_features
     from eval.results import write_results
 
+    if args.metric == "fvd":
+        return _eval_fvd(args)
+    args.num = args.num or 256
     device = _device(args.device)
     teacher = teachers.load_spec(args.teacher, args.family).to(device).eval()
     probe = Probe.load(device=device)
@@ -254,7 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
 
-    evaluate = commands.add_parser("eval", help="probe accuracy, FVD-probe and speed of a teacher's sampler")
+    evaluate = commands.add_parser(
+        "eval", help="probe metrics of samplers (default), or `eval fvd`: FVD against real clips")
+    evaluate.add_argument("metric", nargs="?", choices=["probe", "fvd"], default="probe")
+    fvd = evaluate.add_argument_group("fvd (distill eval fvd --real ... --fake ... --i3d ... --protocol ...)")
+    fvd.add_argument("--real", help="real clips: a shard directory or a folder of video files")
+    fvd.add_argument("--fake", help="generated clips: a folder of video files, or a model directory to sample")
+    fvd.add_argument("--i3d", help="local I3D file: i3d_torchscript.pt (StyleGAN-V) or i3d_pretrained_400.pt")
+    fvd.add_argument("--i3d-format", choices=["auto", "torchscript", "state_dict"], default="auto")
+    fvd.add_argument("--protocol", default="fvd2048_16f")
     evaluate.add_argument("--teacher", default="tiny", help="'tiny' (shipped), a preset, config or directory")
     evaluate.add_argument("--family", default="wan")
     evaluate.add_argument("--steps", type=int, nargs="+", default=[50, 4, 2, 1])
@@ -262,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--student", help="a student directory (with method.json) to evaluate too")
     evaluate.add_argument("--student-steps", type=int, nargs="+", default=[4, 2, 1],
                           help="evaluate the student with this many of its steps (evenly chosen)")
-    evaluate.add_argument("--num", type=int, default=256, help="videos per step count")
+    evaluate.add_argument("--num", type=int, default=0,
+                          help="videos per step count (probe: default 256; fvd: default the protocol's count)")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--frames", type=int, default=16)
     evaluate.add_argument("--height", type=int, default=32)
