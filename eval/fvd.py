@@ -241,12 +241,13 @@ class FVD(Metric):
         real, fake = self._cat(self.real_features), self._cat(self.fake_features)
         n, m = real.shape[0], fake.shape[0]
         for side, count in (("real", n), ("fake", m)):
-            if count < 2:
-                raise ValueError(f"FVD needs at least 2 {side} clips, got {count}")
-            if count < self.protocol.num_clips and not self.allow_fewer:
-                raise ValueError(
-                    f"protocol {self.protocol.name!r} asks for {self.protocol.num_clips} {side} clips, got {count}; "
-                    "pass allow_fewer=True to compute anyway (the result is biased and not comparable)"
-                )
+            problem = (f"FVD needs at least 2 {side} clips, got {count}" if count < 2 else
+                       f"protocol {self.protocol.name!r} asks for {self.protocol.num_clips} {side} clips, got {count}; "
+                       "pass allow_fewer=True to compute anyway (the result is biased and not comparable)"
+                       if count < self.protocol.num_clips and not self.allow_fewer else None)
+            if problem:
+                if self._is_synced:  # torchmetrics does not restore the local state when compute raises
+                    self.unsync()
+                raise ValueError(problem)
         value = frechet_from_features(real, fake)
         return {"fvd": value, "protocol": self.protocol.name, "num_real": int(n), "num_fake": int(m)}
