@@ -100,10 +100,8 @@ def _eval_fvd(args: argparse.Namespace) -> None:
     num = args.num or protocol.num_clips
     metric = FVD(extractor, protocol, allow_fewer=bool(args.num))
     generator = torch.Generator().manual_seed(0)
-    count = 0
     for clip in tqdm(read_videos(args.real, limit=num), total=num, desc="real clips"):
         metric.update(random_clips(clip, protocol.num_frames, generator, time_dim=1)[None], real=True)
-        count += 1
     if Path(args.fake, "method.json").is_file() or Path(args.fake, "config.json").is_file() or \
             Path(args.fake, "transformer").is_dir():
         fake = generate_videos(args.fake, num, (3, protocol.num_frames, args.height, args.width), device,
@@ -126,13 +124,11 @@ def _eval_fvd(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     """Probe accuracy, FVD-probe and seconds per video of the teacher's Euler sampler at several step counts,
     and of a few-step student (a directory from ``distill train`` or ``distill export``) at subsets of its steps."""
-    import json
-
     import teachers
-    from distill.students import few_step_sample, step_subset
+    from distill.students import step_subset
     from distill.text import TextEncoder
     from distill.video import grid, to_uint8, upscale_nearest, write_gif
-    from eval.evaluate import evaluate, teacher_sampler
+    from eval.evaluate import evaluate, student_sampler, teacher_sampler, trained_method
     from eval.probe import Probe, reference_features
     from eval.results import write_results
 
@@ -148,11 +144,10 @@ def _eval(args: argparse.Namespace) -> None:
              teacher_sampler(teacher, steps, args.guidance)) for steps in args.steps]
     if args.student:
         student = teachers.load("wan", args.student).to(device).eval()
-        trained = json.loads((Path(args.student) / "method.json").read_text())
+        trained = trained_method(args.student)
         for steps in args.student_steps:
-            times = step_subset(trained["timesteps"], steps)
             runs.append(("student", trained["method"], steps,
-                         lambda cond, noise, times=times: few_step_sample(student, noise, cond, times)))
+                         student_sampler(student, step_subset(trained["timesteps"], steps))))
     rows, strips = [], []
     for model, method, steps, sampler in runs:
         result = evaluate(sampler, probe, encoder, args.num, device, args.frames, args.height, args.width,
@@ -192,19 +187,15 @@ def _export(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     """Distil the shipped tiny teacher into a 4-step student, export it, and compare it with the teacher."""
-    import json
-
     import numpy as np
-    import torch
 
     import teachers
     from distill.config import load_job
     from distill.export import export_diffusers
     from distill.run import train
-    from distill.students import few_step_sample
     from distill.text import TextEncoder
     from distill.video import grid, to_uint8, upscale_nearest, write_gif
-    from eval.evaluate import evaluate, teacher_sampler
+    from eval.evaluate import evaluate, student_sampler, teacher_sampler, trained_method
     from eval.probe import Probe, reference_features
 
     dev = _device(args.device)
@@ -213,7 +204,7 @@ def _demo(args: argparse.Namespace) -> None:
         overrides.append(f"train.steps={args.steps}")
     job = load_job(args.job, overrides)
     student_dir = export_diffusers(train(job), Path(args.out) / "student")
-    times = json.loads((student_dir / "method.json").read_text())["timesteps"]
+    times = trained_method(student_dir)["timesteps"]
 
     teacher = teachers.load("tiny").to(dev).eval()
     student = teachers.load("wan", str(student_dir)).to(dev).eval()
@@ -224,7 +215,7 @@ def _demo(args: argparse.Namespace) -> None:
         f"teacher ({args.teacher_steps} steps)": (teacher_sampler(teacher, args.teacher_steps, job.method.guidance),
                                                  args.num_teacher),
         f"naive ({len(times)} steps)": (teacher_sampler(teacher, len(times), job.method.guidance), args.num),
-        f"student ({len(times)} steps)": (lambda cond, noise: few_step_sample(student, noise, cond, times), args.num),
+        f"student ({len(times)} steps)": (student_sampler(student, times), args.num),
     }
     rows, strips = {}, []
     for name, (sampler, num) in samplers.items():

@@ -3,7 +3,9 @@ FVD-probe against real clips, and wall time per video (the numbers of eval/resul
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -14,6 +16,7 @@ from tqdm.auto import tqdm
 from distill.conditioning import Conditioning
 from distill.data.synthetic import caption, sample_labels
 from distill.schedule import euler_sample
+from distill.students import few_step_sample
 from distill.text import TextEncoder
 from eval.probe import Probe, attribute_accuracy, fvd_probe, reference_features
 from teachers.base import Denoiser
@@ -33,6 +36,26 @@ def teacher_sampler(teacher: Denoiser, steps: int, guidance: float) -> Sampler:
     """The teacher's Euler sampler with CFG; with few steps it is the naive baseline distillation must beat."""
     return lambda cond, noise: euler_sample(lambda x, t: teacher.guided(x, t, cond, guidance), noise,
                                             teacher.schedule, steps)
+
+
+def student_sampler(student: Denoiser, times: list[float]) -> Sampler:
+    """A few-step student's own sampler over its step list (no guidance: it was distilled in)."""
+    return lambda cond, noise: few_step_sample(student, noise, cond, times)
+
+
+def trained_method(model_dir: str | Path) -> dict:
+    """``method.json`` of a trained or exported model directory (empty for plain teachers)."""
+    path = Path(model_dir) / "method.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_sampler(model_dir: str | Path, device: torch.device, guidance: float, teacher_steps: int = 50) -> Sampler:
+    """A model directory's sampler: a student's step list when it has one, else Euler with CFG."""
+    import teachers
+
+    model = teachers.load_spec(str(model_dir)).to(device).eval()
+    times = trained_method(model_dir).get("timesteps")
+    return teacher_sampler(model, teacher_steps, guidance) if times is None else student_sampler(model, times)
 
 
 def _sync(device: torch.device) -> None:

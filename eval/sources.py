@@ -5,7 +5,6 @@ Every source yields float clips ``[3, T, H, W]`` in ``[-1, 1]``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -47,19 +46,12 @@ def read_videos(source: str | Path, limit: int | None = None) -> Iterator[Tensor
 
 def generate_videos(model_dir: str | Path, num: int, shape: tuple[int, int, int, int], device: torch.device,
                     batch_size: int = 64, guidance: float = 4.0, steps: int = 50) -> Tensor:
-    """``num`` clips from a model directory: a student (``method.json`` with a step list) with its own
-    sampler, otherwise a teacher with the Euler sampler and CFG, on the evaluation prompts."""
-    import teachers
-    from distill.students import few_step_sample
+    """``num`` clips on the evaluation prompts from a model directory, with its own sampler (a student's step
+    list, or a teacher's Euler steps with CFG)."""
     from distill.text import TextEncoder
-    from eval.evaluate import eval_prompts, generate, teacher_sampler
+    from eval.evaluate import eval_prompts, generate, load_sampler
 
-    model_dir = Path(model_dir)
-    model = teachers.load_spec(str(model_dir)).to(device).eval()
-    method = model_dir / "method.json"
-    times = json.loads(method.read_text()).get("timesteps") if method.is_file() else None
-    sampler = (teacher_sampler(model, steps, guidance) if times is None else
-               (lambda cond, noise: few_step_sample(model, noise, cond, times)))
     captions, _ = eval_prompts(num)
+    sampler = load_sampler(model_dir, device, guidance, steps)
     videos, _ = generate(sampler, captions, TextEncoder.from_pretrained(device=device), shape, device, batch_size)
     return videos

@@ -51,10 +51,12 @@ class BatchSource:
 
     def _conditioning(self, text: torch.Tensor, mask: torch.Tensor) -> Conditioning:
         if self._negative is None:
-            self._negative = self._precomputed_negative() or self._encode([self.data.negative_prompt])
+            negative = self._precomputed_negative() or self._encode([self.data.negative_prompt])
+            self._negative = tuple(x.to(self.device) for x in negative)
         neg, neg_mask = self._negative
         batch = text.shape[0]
-        return Conditioning(text, mask, neg.expand(batch, -1, -1), neg_mask.expand(batch, -1)).to(self.device)
+        return Conditioning(text.to(self.device), mask.to(self.device), neg.expand(batch, -1, -1),
+                            neg_mask.expand(batch, -1))
 
     def _precomputed_negative(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``negative.safetensors`` (``text_emb`` ``[1, L, D]``, ``text_mask`` ``[1, L]``) beside shards whose
@@ -70,13 +72,14 @@ class BatchSource:
         if self._pool is not None:
             videos, text, mask, items = self._pool
             index = torch.as_tensor(rng.integers(len(items), size=self.data.batch_size), device=self.device)
-            chosen = [items[i] for i in index.tolist()]
-            return Batch(videos[index], self._conditioning(text[index], mask[index]),
-                         [item["caption"] for item in chosen], [item["labels"] for item in chosen])
-        items = [self.synthetic[int(i)] for i in rng.integers(len(self.synthetic), size=self.data.batch_size)]
-        captions = [item["caption"] for item in items]
-        latents = torch.stack([item["video"] for item in items]).to(self.device)
-        return Batch(latents, self._conditioning(*self._encode(captions)), captions, [i["labels"] for i in items])
+            items = [items[i] for i in index.tolist()]
+            videos, text, mask = videos[index], text[index], mask[index]
+        else:
+            items = [self.synthetic[int(i)] for i in rng.integers(len(self.synthetic), size=self.data.batch_size)]
+            videos = torch.stack([item["video"] for item in items]).to(self.device)
+            text, mask = self._encode([item["caption"] for item in items])
+        return Batch(videos, self._conditioning(text, mask), [item["caption"] for item in items],
+                     [item["labels"] for item in items])
 
     def _shard(self, n: int) -> Batch:
         if self._stream is None or n != self._next:
@@ -93,9 +96,11 @@ class BatchSource:
             text, mask = samples["text_emb"].float(), samples["text_mask"].bool()
         else:
             text, mask = self._encode(captions)
-        latents = samples["latents"].float().to(self.device) if "latents" in samples else None
-        d = self.data
-        shape = (len(captions), d.channels, d.frames, d.height, d.width)
+        if "latents" in samples:
+            latents, shape = samples["latents"].float().to(self.device), ()  # the shape is the latents'
+        else:  # prompt-only data: the job says what to generate
+            d = self.data
+            latents, shape = None, (len(captions), d.channels, d.frames, d.height, d.width)
         return Batch(latents, self._conditioning(text, mask), captions, samples["labels"], shape)
 
     def get(self, n: int) -> Batch:
