@@ -198,7 +198,7 @@ def test_tiny_train_run_writes_loadable_files(tmp_path):
     assert config["training"]["steps"] == 3 and config["validation"]["num_clips"] == 8
     loaded = Probe.load(out)
     # the recorded validation accuracy (computed by the in-memory net) is reproduced by the loaded one
-    videos, labels, _ = validation_clips(8)
+    videos, labels = validation_clips(8)
     assert attribute_accuracy(loaded.predict(videos), labels)["mean"] == pytest.approx(acc["mean"])
     # save -> load round trip gives identical outputs
     loaded.save(tmp_path / "again")

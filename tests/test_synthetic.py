@@ -173,7 +173,7 @@ def test_bouncing_shape_stays_inside_and_reflects(shape, direction):
     for frame in range(frames):  # one compact blob per frame: never split across opposite borders
         assert np.ptp(cols[1][cols[0] == frame]) <= 2 * r
         assert np.ptp(rows[1][rows[0] == frame]) <= 2 * r
-    centres = trajectory(labels, sample_start(labels, height, width, np.random.default_rng(11)), frames, height, width)
+    centres = trajectory(labels, sample_start(labels, frames, height, width, np.random.default_rng(11)), frames, height, width)
     weights = alpha.sum(1)  # [T, W]; every shape is symmetric left-right about its centre
     drawn_x = weights @ (np.arange(width) + 0.5) / weights.sum(1)
     assert np.allclose(drawn_x, centres[:, 0], atol=0.05)
@@ -220,3 +220,16 @@ def test_generates_many_clips():
     videos = torch.stack([ds[i]["video"] for i in range(len(ds))])
     assert videos.shape == (200, 3, 16, 32, 32) and torch.isfinite(videos).all()
     assert math.isclose(float(videos.max()), 1.0, abs_tol=1e-6)
+
+
+def test_every_clip_shows_its_bounce_value():
+    """The shape meets a wall within the clip, so bouncing and wrapping clips always render differently."""
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        labels = sample_labels(rng)
+        other = {**labels, "bounce": "no" if labels["bounce"] == "yes" else "yes"}
+        state = rng.bit_generator.state
+        a = render(labels, 16, 32, 32, rng)
+        rng.bit_generator.state = state
+        b = render(other, 16, 32, 32, rng)
+        assert (a - b).abs().amax() > 0.5, labels

@@ -202,12 +202,27 @@ def _half_extent(size: str, height: int, width: int) -> float:
     return _SIZE_FRACTION[size] * min(height, width)
 
 
-def sample_start(labels: Mapping[str, str], height: int, width: int, rng: np.random.Generator) -> Start:
-    """Draw a frame-0 position where the whole shape is visible."""
+def sample_start(
+    labels: Mapping[str, str], frames: int, height: int, width: int, rng: np.random.Generator
+) -> Start:
+    """Draw a frame-0 position where the whole shape is visible and its box meets a wall during the clip.
+
+    The meeting happens at a random frame in the first half of the clip (so that what follows it, a
+    reflection or a wrap, is in view): ``bounce`` is then visible in every clip. One axis of the heading
+    (either, for a diagonal) is placed to meet its wall; the other is drawn uniformly.
+    """
     _check_labels(labels)
-    _check_geometry(1, height, width)
+    _check_geometry(frames, height, width)
     r = _half_extent(labels["size"], height, width)
-    return Start(x=float(rng.uniform(r, width - r)), y=float(rng.uniform(r, height - r)))
+    extent = np.array([width, height], dtype=np.float64)
+    heading = np.asarray(_HEADING[labels["direction"]])
+    speed = _SPEED_FRACTION[labels["speed"]] * min(height, width)
+    start = rng.uniform(r, extent - r)
+    axis = int(rng.choice(np.flatnonzero(heading)))
+    contact = rng.uniform(0.15, 0.5) * (frames - 1)
+    travel = min(abs(heading[axis]) * speed * contact, extent[axis] - 2.0 * r)
+    start[axis] = extent[axis] - r - travel if heading[axis] > 0 else r + travel
+    return Start(x=float(start[0]), y=float(start[1]))
 
 
 def trajectory(labels: Mapping[str, str], start: Start, frames: int, height: int, width: int) -> np.ndarray:
@@ -273,7 +288,7 @@ def render(
 
     The start position is drawn from ``rng``; everything else follows from the labels.
     """
-    start = sample_start(labels, height, width, rng)
+    start = sample_start(labels, frames, height, width, rng)
     return _rasterise(labels, trajectory(labels, start, frames, height, width), height, width)
 
 
