@@ -217,3 +217,19 @@ def test_lora_file_loads_in_a_stock_wan_pipeline(tmp_path):
     assert (expected - plain).abs().max() > 1e-3  # the LoRA changes the video
     torch.testing.assert_close(unfused, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_memory_benchmark_runs_full_and_lora_through_the_trainer(tmp_path, monkeypatch, capsys):
+    """eval/bench_memory.py at its CPU size (the GPU run measures Wan2.1 1.3B the same way); the modes run
+    in this process here instead of one process each."""
+    from eval import bench_memory
+
+    monkeypatch.setattr(bench_memory, "run_mode",
+                        lambda args, mode: bench_memory.measure(args.size, mode, args.rank, args.steps, args.warmup))
+    out = tmp_path / "memory.json"
+    bench_memory.main(["--tiny", "--steps", "1", "--rank", "8", "--out", str(out)])
+    rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"full", "lora"} and all(r["step_s"] > 0 and r["peak_gib"] > 0 for r in rows.values())
+    # full: generator + critic, each a whole copy; LoRA: two rank-8 adapters
+    assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"]
+    assert "lora / full" in capsys.readouterr().out
