@@ -143,11 +143,17 @@ def _eval(args: argparse.Namespace) -> None:
     real = reference_features(probe, args.num, args.frames, args.height, args.width)
     runs = [("teacher" if steps == max(args.steps) else "naive", "flow", steps,
              teacher_sampler(teacher, steps, args.guidance)) for steps in args.steps]
-    if args.student:
-        student = load_student(args.student, base=teacher).to(device).eval()  # a LoRA adapts the teacher
-        trained = trained_method(args.student)
+    students = [(args.student_name, args.student)] if args.student else []
+    for spec in args.also_student:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--also-student {spec!r}: expected NAME=DIR")
+        students.append((name, path))
+    for name, path in students:
+        student = load_student(path, base=teacher).to(device).eval()  # a LoRA adapts the teacher
+        trained = trained_method(path)
         for steps in args.student_steps:
-            runs.append((args.student_name, trained["method"], steps,
+            runs.append((name, trained["method"], steps,
                          student_sampler(student, step_subset(trained["timesteps"], steps))))
     rows, strips = [], []
     for model, method, steps, sampler in runs:
@@ -308,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--guidance", type=float, default=4.0)
     evaluate.add_argument("--student", help="a student directory (with method.json) to evaluate too")
     evaluate.add_argument("--student-name", default="student", help="the student rows' model name")
+    evaluate.add_argument("--also-student", action="append", default=[], metavar="NAME=DIR",
+                          help="another student to evaluate beside it, rows named NAME (repeatable)")
     evaluate.add_argument("--student-steps", type=int, nargs="+", default=[4, 2, 1],
                           help="evaluate the student with this many of its steps (evenly chosen)")
     evaluate.add_argument("--num", type=int, default=0,

@@ -233,3 +233,15 @@ def test_memory_benchmark_runs_full_and_lora_through_the_trainer(tmp_path, monke
     # full: generator + critic, each a whole copy; LoRA: two rank-8 adapters
     assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"]
     assert "lora / full" in capsys.readouterr().out
+
+
+def test_lora_job_files_load_and_the_tiny_one_runs_on_cpu(tmp_path):
+    from distill.run import train
+
+    wan = load_job(Path(__file__).parents[1] / "jobs" / "wan21_t2v_1.3b_dmd_lora.toml")
+    assert wan.lora.rank == 64 and wan.model.gradient_checkpointing and wan.deepspeed.zero_stage == 2
+    overrides = [f"output.dir='{tmp_path}'", "train.device='cpu'", "data.frames=4", "data.batch_size=1",
+                 "data.pool=0", "data.height=16", "data.width=16", "lora.rank=4", "train.steps=1",
+                 "method.critic_steps=1", "logging.every=1", "logging.progress=false"]
+    out = train(load_job(Path(__file__).parents[1] / "jobs" / "lora_tiny_dmd.toml", overrides))
+    assert (out / LORA_FILE).is_file() and json.loads((out / "lora.json").read_text())["base"]["family"] == "tiny"
