@@ -91,6 +91,9 @@ class SharedBase:
     def using(self, adapter: str | None) -> Iterator[None]:
         """Run the base with ``adapter`` (None: all adapters off) inside the block."""
         previous = self.active
+        if adapter == previous:
+            yield
+            return
         self._select(adapter)
         try:
             yield

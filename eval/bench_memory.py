@@ -123,9 +123,12 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
                "--rank", str(args.rank), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{mode} run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1][len(RESULT_TAG):])
+    sys.stderr.write(f"{mode} run failed (exit {done.returncode}):\n{done.stderr[-4000:]}\n")
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]  # e.g. an out-of-memory while building
+    return {"model_size": args.size, "mode": mode, "zero_stage": 2, "peak_gib": None, "step_s": None,
+            "trainable_params": None, "error": f"exit {done.returncode}: {last[:300]}"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,18 +155,22 @@ def main(argv: list[str] | None = None) -> None:
     rows = [run_mode(args, mode) for mode in args.modes]
     name = device_name(device)
     out = args.out or f"eval/results/memory_{name.split()[1].lower() if device.type == 'cuda' else 'cpu'}.json"
-    notes = (f"One DMD2 step = {rows[0]['critic_steps']} critic update + 1 generator update (student rollout to a "
-             f"random step of 4, teacher with CFG), batch 1, random weights and random text embeddings "
-             f"({SIZES[args.size][2]} x {SIZES[args.size][3]}); {args.warmup} warm-up step(s), step_s = mean of "
-             f"{args.steps}. Same seed in both modes, so they run the same rollout depths. peak_gib: "
-             f"{rows[0]['memory']} over the whole process (model build, engines, steps). LoRA: rank {args.rank} "
-             "on attention q/k/v/out and FFN linears, generator and critic adapters on one frozen bf16 base.")
+    _, _, tokens, dim, dtype, _, _ = SIZES[args.size]
+    memory = "cuda max allocated" if device.type == "cuda" else "cpu peak RSS"
+    notes = (f"One DMD2 step = 1 critic update + 1 generator update (student rollout to a random step of 4, "
+             f"teacher with CFG), batch 1, random weights and random text embeddings ({tokens} x {dim}); "
+             f"{args.warmup} warm-up step(s), step_s = mean of {args.steps}. Same seed in both modes, so they run "
+             f"the same rollout depths. peak_gib: {memory} over the whole process (model build, engines, steps). "
+             f"LoRA: rank {args.rank} on attention q/k/v/out and FFN linears, generator and critic adapters on one "
+             f"frozen {dtype} base.")
     write_results(out, rows, device, notes)
     print(f"wrote {out}")
     print(f"{'mode':6s} {'peak_gib':>9s} {'step_s':>8s} {'trainable':>12s}")
     for row in rows:
-        step = f"{row['step_s']:8.3f}" if row["step_s"] is not None else f"{'OOM':>8s}"
-        print(f"{row['mode']:6s} {row['peak_gib']:9.2f} {step} {row['trainable_params']:12d}")
+        peak, step, params = (f"{row[k]:{f}}" if row.get(k) is not None else "failed" for k, f in
+                              (("peak_gib", ".2f"), ("step_s", ".3f"), ("trainable_params", "d")))
+        error = f"  {row['error']}" if row.get("error") else ""
+        print(f"{row['mode']:6s} {peak:>9s} {step:>8s} {params:>12s}{error}")
     if len(rows) == 2 and all(row["step_s"] for row in rows):
         print(f"lora / full: memory {rows[1]['peak_gib'] / rows[0]['peak_gib']:.2f}x, "
               f"step time {rows[1]['step_s'] / rows[0]['step_s']:.2f}x")

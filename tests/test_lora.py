@@ -245,3 +245,22 @@ def test_lora_job_files_load_and_the_tiny_one_runs_on_cpu(tmp_path):
                  "method.critic_steps=1", "logging.every=1", "logging.progress=false"]
     out = train(load_job(Path(__file__).parents[1] / "jobs" / "lora_tiny_dmd.toml", overrides))
     assert (out / LORA_FILE).is_file() and json.loads((out / "lora.json").read_text())["base"]["family"] == "tiny"
+
+
+@pytest.mark.gpu
+def test_lora_dmd_in_bf16_on_gpu(tmp_path, recorded_trainers):
+    """The GPU path: bf16 base and adapters, ZeRO-2, gradient checkpointing (``pytest -m gpu``)."""
+    from distill.run import train
+
+    overrides = [f"output.dir='{tmp_path}'", "train.device='cuda'", "deepspeed.precision='bf16'",
+                 "model.dtype='bfloat16'", "lora.rank=8", "deepspeed.zero_stage=2", "model.gradient_checkpointing=true",
+                 "method.weights={dmd=1.0, gan=0.1, gan_critic=0.1}", "train.steps=3"]
+    out = train(load_job(JOBS / "tiny_dmd.toml", overrides))
+    (trainer,) = recorded_trainers
+    for engine in trainer.engines.values():
+        assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in engine.module.parameters())
+    base = trainer.nets["teacher"].shared.base
+    assert all(p.is_cuda and not p.requires_grad for n, p in base.named_parameters() if "lora_" not in n)
+    lora = load_file(str(out / LORA_FILE))
+    assert all(torch.isfinite(v).all() for v in lora.values())
+    assert any(v.abs().max() > 0 for k, v in lora.items() if ".lora_B." in k)
