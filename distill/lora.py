@@ -223,6 +223,7 @@ def save_lora_model(out: str | Path, weights: dict[str, Tensor], job: JobConfig,
     out.mkdir(parents=True, exist_ok=True)
     s = job.lora
     save_file(to_diffusers_lora(weights, (s.alpha or s.rank) / s.rank, dtype), str(out / LORA_FILE))
+    # the file's alpha equals its rank (scale 1): the trained alpha / rank is folded into lora_B
     meta = {"rank": s.rank, "alpha": s.rank, "alpha_trained": s.alpha or s.rank, "init": s.init,
             "target_modules": list(s.target_modules),
             "base": {"family": job.model.family, "source": job.model.source, "config": job.model.config}}
