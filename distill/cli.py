@@ -125,6 +125,7 @@ def _eval(args: argparse.Namespace) -> None:
     """Probe accuracy, FVD-probe and seconds per video of the teacher's Euler sampler at several step counts,
     and of a few-step student (a directory from ``distill train`` or ``distill export``) at subsets of its steps."""
     import teachers
+    from distill.lora import load_student
     from distill.students import step_subset
     from distill.text import TextEncoder
     from distill.video import grid, to_uint8, upscale_nearest, write_gif
@@ -142,11 +143,17 @@ def _eval(args: argparse.Namespace) -> None:
     real = reference_features(probe, args.num, args.frames, args.height, args.width)
     runs = [("teacher" if steps == max(args.steps) else "naive", "flow", steps,
              teacher_sampler(teacher, steps, args.guidance)) for steps in args.steps]
-    if args.student:
-        student = teachers.load("wan", args.student).to(device).eval()
-        trained = trained_method(args.student)
+    students = [(args.student_name, args.student)] if args.student else []
+    for spec in args.also_student:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--also-student {spec!r}: expected NAME=DIR")
+        students.append((name, path))
+    for name, path in students:
+        student = load_student(path, base=teacher).to(device).eval()  # a LoRA adapts the teacher
+        trained = trained_method(path)
         for steps in args.student_steps:
-            runs.append(("student", trained["method"], steps,
+            runs.append((name, trained["method"], steps,
                          student_sampler(student, step_subset(trained["timesteps"], steps))))
     rows, strips = [], []
     for model, method, steps, sampler in runs:
@@ -179,9 +186,9 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from distill.export import export_diffusers
+    from distill.export import export_diffusers, export_lora
 
-    out = export_diffusers(args.model, args.out)
+    out = (export_lora if args.format == "lora" else export_diffusers)(args.model, args.out)
     print(f"exported {args.model} as {args.format} to {out}")
 
 
@@ -286,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export a trained model directory (diffusers)")
     export.add_argument("--model", required=True, help="a trained model directory (<output.dir>/model)")
-    export.add_argument("--format", choices=["diffusers"], default="diffusers")
+    export.add_argument("--format", choices=["diffusers", "lora"], default="diffusers",
+                        help="diffusers: a pipeline directory (a LoRA run's student fused into its base); "
+                             "lora: a LoRA run's adapter file for the teacher pipeline's load_lora_weights")
     export.add_argument("--out", required=True)
     export.set_defaults(func=_export)
 
@@ -304,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int, nargs="+", default=[50, 4, 2, 1])
     evaluate.add_argument("--guidance", type=float, default=4.0)
     evaluate.add_argument("--student", help="a student directory (with method.json) to evaluate too")
+    evaluate.add_argument("--student-name", default="student", help="the student rows' model name")
+    evaluate.add_argument("--also-student", action="append", default=[], metavar="NAME=DIR",
+                          help="another student to evaluate beside it, rows named NAME (repeatable)")
     evaluate.add_argument("--student-steps", type=int, nargs="+", default=[4, 2, 1],
                           help="evaluate the student with this many of its steps (evenly chosen)")
     evaluate.add_argument("--num", type=int, default=0,

@@ -106,6 +106,17 @@ class OutputConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA-only training (distill/lora.py): every trainable network is a peft adapter on one frozen base."""
+
+    rank: int = 0  # 0: full fine-tuning; > 0: LoRA adapters of this rank
+    alpha: float = 0.0  # peft's lora_alpha (the update is scaled by alpha / rank); 0: equal to rank
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj",
+                                                               "ffn.net.2"])  # Wan's attention and FFN linears
+    init: str = "default"  # peft init: "default" (B = 0: the student starts as the teacher), "gaussian", "orthogonal"
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -116,6 +127,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 _CHOICES = {
@@ -207,7 +219,29 @@ def validate(job: JobConfig, where: str = "job") -> JobConfig:
         raise ConfigError(f"{where}: data.kind = 'shards' needs data.path (a shard directory)")
     if len(job.optim.betas) != 2:
         raise ConfigError(f"{where}: optim.betas must have two entries, got {job.optim.betas}")
+    _validate_lora(job, where)
     return job
+
+
+_LORA_INITS = ("default", "gaussian", "orthogonal")
+
+
+def _validate_lora(job: JobConfig, where: str) -> None:
+    lora = job.lora
+    if lora.rank < 0 or lora.alpha < 0:
+        raise ConfigError(f"{where}: lora.rank and lora.alpha must be >= 0, got {lora.rank} and {lora.alpha}")
+    if lora.init not in _LORA_INITS:
+        raise ConfigError(f"{where}: lora.init = {lora.init!r}; expected one of {list(_LORA_INITS)} (inits such as "
+                          "pissa or olora rewrite the base weights, which the frozen teacher shares)")
+    if not lora.rank:
+        return
+    if not lora.target_modules:
+        raise ConfigError(f"{where}: lora.target_modules is empty; name the linear layers to adapt")
+    if lora.init == "orthogonal" and lora.rank % 2:
+        raise ConfigError(f"{where}: lora.init = 'orthogonal' needs an even lora.rank, got {lora.rank}")
+    if job.deepspeed.zero_stage == 3:
+        raise ConfigError(f"{where}: lora.rank > 0 keeps the frozen base whole on every GPU; use "
+                          "deepspeed.zero_stage 0-2 (ZeRO-3 would partition only the adapters)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -3,18 +3,24 @@
 ``diffusers``: a pipeline-style directory: ``transformer/`` (config + safetensors, loadable with
 ``WanTransformer3DModel.from_pretrained(dir, subfolder="transformer")``), ``scheduler/`` (a
 ``FlowMatchEulerDiscreteScheduler`` config; a few-step student samples stochastically, re-noising its
-``x0`` prediction at each step, which that scheduler's ``stochastic_sampling`` does), and a model card.
+``x0`` prediction at each step, which that scheduler's ``stochastic_sampling`` does), and a model card. A
+LoRA run's student is fused into its base first.
+
+``lora``: a LoRA run's adapter file in diffusers' format, which the teacher's pipeline loads with
+``load_lora_weights``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
+from distill.lora import LORA_FILE, LORA_META, is_lora_model, load_student
 from distill.schedule import schedule_from_dict
 
-FORMATS = ("diffusers",)
+FORMATS = ("diffusers", "lora")
 
 
 def _unshifted(times: list[float], shift: float) -> list[float]:
@@ -24,6 +30,11 @@ def _unshifted(times: list[float], shift: float) -> list[float]:
 
 def export_diffusers(model_dir: str | Path, out_dir: str | Path) -> Path:
     model_dir, out = Path(model_dir), Path(out_dir)
+    if is_lora_model(model_dir):  # fused: the LoRA merged into the base it was trained on
+        with tempfile.TemporaryDirectory() as fused:
+            load_student(model_dir).save_pretrained(fused)
+            shutil.copy2(model_dir / "method.json", Path(fused) / "method.json")
+            return export_diffusers(fused, out)
     weights = sorted(model_dir.glob("*.safetensors"))
     if not (model_dir / "config.json").is_file() or not weights:
         raise FileNotFoundError(f"{model_dir} is not a trained model directory (config.json + *.safetensors)")
@@ -44,7 +55,24 @@ def export_diffusers(model_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def _model_card(method: dict, shift: float, times: list[float] | None) -> str:
+def export_lora(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """A LoRA run's student as a directory that ``WanPipeline.load_lora_weights(dir)`` reads (unfused; the
+    pipeline's ``fuse_lora()`` fuses it), with its settings, schedule and a model card."""
+    model_dir, out = Path(model_dir), Path(out_dir)
+    if not is_lora_model(model_dir):
+        raise ValueError(f"{model_dir} is not a LoRA run's model directory ({LORA_FILE} + {LORA_META}); "
+                         "full-weight students export with --format diffusers")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (LORA_FILE, LORA_META, "schedule.json", "method.json"):
+        shutil.copy2(model_dir / name, out / name)
+    method = json.loads((model_dir / "method.json").read_text())
+    schedule = schedule_from_dict(json.loads((model_dir / "schedule.json").read_text()))
+    base = json.loads((model_dir / LORA_META).read_text())["base"]
+    (out / "README.md").write_text(_model_card(method, schedule.shift, method.get("timesteps"), lora_of=base))
+    return out
+
+
+def _model_card(method: dict, shift: float, times: list[float] | None, lora_of: dict | None = None) -> str:
     name = method.get("method", "flow")
     if times is None:
         sampling = "Sample it like its teacher: Euler steps with classifier-free guidance (50 steps is the reference)."
@@ -54,11 +82,15 @@ def _model_card(method: dict, shift: float, times: list[float] | None) -> str:
                     f"sample without CFG). Its step list is t = {times} (after the flow shift {shift}); with the "
                     f"scheduler here call `scheduler.set_timesteps(sigmas={sigmas})`, which applies the shift, and "
                     "each step predicts x0 and re-noises it to the next time (`stochastic_sampling`).")
+    layout = ("""`transformer/` (diffusers `WanTransformer3DModel`: `from_pretrained(dir, subfolder="transformer")`),
+  `scheduler/` (`FlowMatchEulerDiscreteScheduler`), `method.json` (how it was trained)""" if lora_of is None else
+              f"""`{LORA_FILE}` (a LoRA of the teacher `{lora_of.get('source') or lora_of.get('family')}`:
+  `pipe.load_lora_weights(dir)` on its `WanPipeline`, then optionally `pipe.fuse_lora()`), `{LORA_META}`
+  (rank, target modules, base), `method.json` (how it was trained)""")
     return f"""# Exported by fewstep-distill
 
 - training method: `{name}`
-- layout: `transformer/` (diffusers `WanTransformer3DModel`: `from_pretrained(dir, subfolder="transformer")`),
-  `scheduler/` (`FlowMatchEulerDiscreteScheduler`), `method.json` (how it was trained)
+- layout: {layout}
 - {sampling}
 
 Made with `distill train` (DeepSpeed) and `distill export --format diffusers`; see the project's README and

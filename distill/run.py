@@ -15,6 +15,7 @@ from distill.data.batches import BatchSource
 from distill.schedule import make_schedule
 from distill.text import TextEncoder
 from distill.trainer import Trainer, init_distributed, resolve_device
+from losses.base import Method, Networks
 from teachers.base import Denoiser
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,6 +28,20 @@ def build_model(job: JobConfig, dtype: torch.dtype = torch.float32) -> Denoiser:
     return teachers.load(job.model.family, source, schedule=schedule, dtype=dtype)
 
 
+def build_networks(job: JobConfig, method: Method, device: torch.device) -> tuple[Networks, Networks]:
+    """The method's ``(trainable, frozen)`` networks, frozen ones on ``device`` in ``model.dtype``; with
+    ``lora.rank`` > 0 the trainable ones are adapters on one shared frozen base (distill/lora.py)."""
+    if job.lora.rank:
+        from distill.lora import lora_networks
+
+        trainable, frozen = lora_networks(method, build_model(job), job.lora, device, DTYPES[job.model.dtype])
+    else:
+        trainable, frozen = method.networks(build_model(job))
+    for net in frozen.values():
+        net.requires_grad_(False).eval().to(device=device, dtype=DTYPES[job.model.dtype])
+    return trainable, frozen
+
+
 def train(job: JobConfig) -> Path:
     """Run a training job to its last step and export the generator (EMA weights where kept).
 
@@ -36,9 +51,7 @@ def train(job: JobConfig) -> Path:
     init_distributed(device)
     torch.manual_seed(job.train.seed)
     method = losses.build(job)
-    trainable, frozen = method.networks(build_model(job))
-    for net in frozen.values():
-        net.requires_grad_(False).eval().to(device=device, dtype=DTYPES[job.model.dtype])
+    trainable, frozen = build_networks(job, method, device)
     text_encoder = TextEncoder.from_pretrained(device=device)
     batches = BatchSource(job.data, text_encoder, device, seed=job.train.seed, rank=dist.get_rank())
     trainer = Trainer(job, method, trainable, frozen, batches, device)
@@ -48,10 +61,15 @@ def train(job: JobConfig) -> Path:
     finally:
         trainer.close()
     out = Path(job.output.dir) / "model"
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and job.lora.rank:
+        from distill.lora import save_lora_model
+
+        save_lora_model(out, weights, job, DTYPES[job.output.dtype])
+    elif dist.get_rank() == 0:
         generator = build_model(job)
         generator.load_state_dict(weights)
         generator.save_pretrained(out, dtype=DTYPES[job.output.dtype])
+    if dist.get_rank() == 0:
         (out / "method.json").write_text(json.dumps(method.describe(), indent=1))
     dist.barrier()
     return out

@@ -31,8 +31,11 @@ def step_subset(times: list[float], steps: int) -> list[float]:
 
 
 def make_student(teacher: Denoiser) -> Denoiser:
-    """A trainable copy of the teacher (the DMD/consistency initialisation)."""
-    student = copy.deepcopy(teacher)
+    """A trainable copy of the teacher (the DMD/consistency initialisation); in LoRA mode a new view of the
+    teacher's shared base, which gets its own adapter (distill/lora.py)."""
+    from distill.lora import LoraView
+
+    student = teacher.new_view() if isinstance(teacher, LoraView) else copy.deepcopy(teacher)
     student.requires_grad_(True).train()
     return student
 

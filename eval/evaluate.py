@@ -52,8 +52,10 @@ def trained_method(model_dir: str | Path) -> dict:
 def load_sampler(model_dir: str | Path, device: torch.device, guidance: float, teacher_steps: int = 50) -> Sampler:
     """A model directory's sampler: a student's step list when it has one, else Euler with CFG."""
     import teachers
+    from distill.lora import is_lora_model, load_student
 
-    model = teachers.load_spec(str(model_dir)).to(device).eval()
+    model = load_student(model_dir) if is_lora_model(model_dir) else teachers.load_spec(str(model_dir))
+    model = model.to(device).eval()
     times = trained_method(model_dir).get("timesteps")
     return teacher_sampler(model, teacher_steps, guidance) if times is None else student_sampler(model, times)
 

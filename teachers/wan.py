@@ -107,7 +107,9 @@ class WanDenoiser(Denoiser):
         return captured[0]
 
     def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
+        from distill.checkpointing import checkpoint_block
+
+        self.transformer.enable_gradient_checkpointing(checkpoint_block)  # recompute with the forward's frozen params
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """A diffusers transformer directory (config + safetensors) plus ``schedule.json``."""
