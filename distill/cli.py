@@ -147,7 +147,8 @@ def _eval(args: argparse.Namespace) -> None:
         trained = trained_method(args.student)
         for steps in args.student_steps:
             runs.append(("student", trained["method"], steps,
-                         student_sampler(student, step_subset(trained["timesteps"], steps))))
+                         student_sampler(student, step_subset(trained["timesteps"], steps),
+                                         trained.get("sampler") == "ode")))
     rows, strips = [], []
     for model, method, steps, sampler in runs:
         result = evaluate(sampler, probe, encoder, args.num, device, args.frames, args.height, args.width,

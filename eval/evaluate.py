@@ -38,9 +38,10 @@ def teacher_sampler(teacher: Denoiser, steps: int, guidance: float) -> Sampler:
                                             teacher.schedule, steps)
 
 
-def student_sampler(student: Denoiser, times: list[float]) -> Sampler:
-    """A few-step student's own sampler over its step list (no guidance: it was distilled in)."""
-    return lambda cond, noise: few_step_sample(student, noise, cond, times)
+def student_sampler(student: Denoiser, times: list[float], deterministic: bool = False) -> Sampler:
+    """A few-step student's own sampler over its step list (no guidance: it was distilled in); ``deterministic``
+    for students trained on ODE phases (``"sampler": "ode"`` in method.json)."""
+    return lambda cond, noise: few_step_sample(student, noise, cond, times, deterministic=deterministic)
 
 
 def trained_method(model_dir: str | Path) -> dict:
@@ -54,8 +55,11 @@ def load_sampler(model_dir: str | Path, device: torch.device, guidance: float, t
     import teachers
 
     model = teachers.load_spec(str(model_dir)).to(device).eval()
-    times = trained_method(model_dir).get("timesteps")
-    return teacher_sampler(model, teacher_steps, guidance) if times is None else student_sampler(model, times)
+    trained = trained_method(model_dir)
+    times = trained.get("timesteps")
+    if times is None:
+        return teacher_sampler(model, teacher_steps, guidance)
+    return student_sampler(model, times, trained.get("sampler") == "ode")
 
 
 def _sync(device: torch.device) -> None:
