@@ -2,7 +2,7 @@
 allows), beside the teacher's many-step sampler, with probe accuracy, FVD-probe, sampling time and the training
 wall time that produced it. Writes ``eval/results/methods_tiny.json`` and prints a markdown table for README.
 
-    python eval/compare_methods.py runs/methods/*/model --steps 1 2 4 --num 512 --out eval/results/methods_tiny.json
+    python -m eval.compare_methods runs/methods/*/model --steps 1 2 4 --num 512 --out eval/results/methods_tiny.json
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def training_record(model: Path) -> dict:
         timed = [r for r in lines if "sec" in r]
         if timed:
             seconds = timed[-1]["sec"]
-            record = {"train_minutes": round(seconds / 60, 2), "train_seconds": seconds, "train_steps": timed[-1]["step"]}
+            record = {"train_minutes": round(seconds / 60, 2), "train_seconds": seconds,
+                      "train_steps": timed[-1]["step"]}
     if job.is_file():
         settings = json.loads(job.read_text())
         record["weights"] = settings["method"]["weights"]

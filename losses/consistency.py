@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.conditioning import Batch
+from distill.schedule import Schedule
 from distill.students import make_student
 from losses.base import Logs, Networks
 from losses.common import randn_like
@@ -62,7 +63,8 @@ class ConsistencyMethod:
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(CD_TERMS)
         if unknown:
-            raise ValueError(f"method.weights: unknown consistency loss terms {sorted(unknown)}; known: {list(CD_TERMS)}")
+            raise ValueError(f"method.weights: unknown consistency loss terms {sorted(unknown)}; "
+                             f"known: {list(CD_TERMS)}")
         self.weights = {"cd": 1.0, "lpips": 0.0, **self.weights}
         intervals = len(self.grid) - 1
         if intervals % self.phases or self.skip < 1:
@@ -96,7 +98,8 @@ class ConsistencyMethod:
     def describe(self) -> dict:
         return {"method": "cd", "timesteps": self.times, "sampler": "ode", "guidance": self.guidance}
 
-    def _start(self, batch: Batch, schedule, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _start(self, batch: Batch, schedule: Schedule,
+               generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Data noised to grid times: ``(x_t, t, t_next, s)`` and whether ``t_next`` is the phase's edge."""
         if batch.latents is None:
             raise ValueError("consistency distillation needs data latents (noised to grid times), not prompt-only data")

@@ -31,8 +31,8 @@ def load_lpips(path: str | Path, net: str = "alex") -> nn.Module:
     """A frozen LPIPS network from a safetensors file of ``lpips.LPIPS(net=net)`` at ``path``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"method.consistency.lpips_path: {path} does not exist; LPIPS needs a local safetensors "
-                                "file of lpips.LPIPS (backbone and linear layers), made once with "
+        raise FileNotFoundError(f"method.consistency.lpips_path: {path} does not exist; LPIPS needs a local "
+                                "safetensors file of lpips.LPIPS (backbone and linear layers), made once with "
                                 "losses.perceptual.convert_lpips from the official weight files")
     model = _empty_lpips(net)
     try:
