@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 import teachers
-from distill.students import step_subset
 from distill.text import TextEncoder
-from eval.evaluate import evaluate, student_sampler, teacher_sampler, trained_method
+from eval.evaluate import evaluate, teacher_sampler, trained_method, trained_sampler
 from eval.probe import Probe, reference_features
 from eval.results import write_results
 
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         student = teachers.load("wan", str(directory)).to(device).eval()
         name = directory.parent.name if directory.name == "model" else directory.name
         for steps in eval_steps(method, args.steps):
-            sampler = student_sampler(student, step_subset(method["timesteps"], steps), method.get("sampler") == "ode")
+            sampler = trained_sampler(student, method, steps)
             runs.append(({"model": name, "method": method["method"], "steps": steps,
                           "trained_steps": len(method["timesteps"]), "dir": str(directory), **record}, sampler))
     rows = []

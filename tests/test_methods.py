@@ -188,7 +188,12 @@ def test_cd_target_follows_the_student_and_a_resumed_run_continues_bitwise(tmp_p
     initial = build_model(load_job(job)).state_dict()
     assert set(target) == set(initial)
     assert any(not torch.equal(target[k], initial[k]) for k in target)
-    assert json.loads((straight / "method.json").read_text())["sampler"] == "ode"
+    described = json.loads((straight / "method.json").read_text())
+    assert described["sampler"] == "ode"
+    from eval.evaluate import trained_sampler
+
+    with pytest.raises(ValueError, match="only with its own 2 steps"):
+        trained_sampler(None, described, 1)
     from distill.export import export_diffusers
 
     exported = export_diffusers(straight, tmp_path / "export")
