@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from distill.conditioning import Batch
 from distill.students import make_student
-from losses.base import Logs, Networks
+from losses.base import Logs, Method, Networks
 from losses.common import FeatureHead, frozen, randn_like, student_sample
 from teachers.base import Denoiser
 
@@ -29,18 +29,10 @@ LOSSES = ("hinge", "non_saturating")
 BACKBONES = ("teacher", "critic")
 
 
-class GANBase(Protocol):
+class GANBase(Method, Protocol):
     """A method whose generator sample a GAN term can judge: ``generator_loss`` returns its own loss, logs, the
     sample (with gradient) and the sample's noise level ``[B]`` (0 for clean samples); ``real_and_fake`` returns
     real and generated samples at one level (no gradient) for the discriminator's update."""
-
-    roles: tuple[str, ...]
-
-    def networks(self, model: Denoiser) -> tuple[Networks, Networks]: ...
-
-    def describe(self) -> dict: ...
-
-    def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]: ...
 
     def generator_loss(self, nets: Networks, batch: Batch,
                        generator: torch.Generator) -> tuple[Tensor, Logs, Tensor, Tensor]: ...

@@ -95,7 +95,10 @@ class WanDenoiser(Denoiser):
         heads read them (DMD2's GAN branch on the fake-score network; LADD's heads on several teacher blocks)."""
         blocks = self.transformer.blocks
         single = not isinstance(layer, Sequence)
-        layers = [len(blocks) // 2 if i is None else i % len(blocks) for i in ([layer] if single else layer)]
+        layers = [len(blocks) // 2 if i is None else i for i in ([layer] if single else layer)]
+        if any(not -len(blocks) <= i < len(blocks) for i in layers):
+            raise ValueError(f"feature layers {layers} out of range: this model has {len(blocks)} blocks")
+        layers = [i % len(blocks) for i in layers]
         captured: dict[int, Tensor] = {}
 
         def keep(index: int):

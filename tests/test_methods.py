@@ -82,6 +82,8 @@ def test_features_of_several_blocks_match_the_blocks_outputs():
     torch.testing.assert_close(first, seen[0])
     torch.testing.assert_close(last, seen[1])
     torch.testing.assert_close(net.features(x, t, cond, [None])[0], net.features(x, t, cond))
+    with pytest.raises(ValueError, match="out of range: this model has 2 blocks"):
+        net.features(x, t, cond, [2])
 
 
 def test_gan_objectives():
