@@ -126,10 +126,9 @@ def _eval(args: argparse.Namespace) -> None:
     and of a few-step student (a directory from ``distill train`` or ``distill export``) at subsets of its steps."""
     import teachers
     from distill.lora import load_student
-    from distill.students import step_subset
     from distill.text import TextEncoder
     from distill.video import grid, to_uint8, upscale_nearest, write_gif
-    from eval.evaluate import evaluate, student_sampler, teacher_sampler, trained_method
+    from eval.evaluate import evaluate, teacher_sampler, trained_method, trained_sampler
     from eval.probe import Probe, reference_features
     from eval.results import write_results
 
@@ -153,8 +152,7 @@ def _eval(args: argparse.Namespace) -> None:
         student = load_student(path, base=teacher).to(device).eval()  # a LoRA adapts the teacher
         trained = trained_method(path)
         for steps in args.student_steps:
-            runs.append((name, trained["method"], steps,
-                         student_sampler(student, step_subset(trained["timesteps"], steps))))
+            runs.append((name, trained["method"], steps, trained_sampler(student, trained, steps)))
     rows, strips = [], []
     for model, method, steps, sampler in runs:
         result = evaluate(sampler, probe, encoder, args.num, device, args.frames, args.height, args.width,
@@ -202,7 +200,7 @@ def _demo(args: argparse.Namespace) -> None:
     from distill.run import train
     from distill.text import TextEncoder
     from distill.video import grid, to_uint8, upscale_nearest, write_gif
-    from eval.evaluate import evaluate, student_sampler, teacher_sampler, trained_method
+    from eval.evaluate import evaluate, teacher_sampler, trained_method, trained_sampler
     from eval.probe import Probe, reference_features
 
     dev = _device(args.device)
@@ -222,7 +220,7 @@ def _demo(args: argparse.Namespace) -> None:
         f"teacher ({args.teacher_steps} steps)": (teacher_sampler(teacher, args.teacher_steps, job.method.guidance),
                                                  args.num_teacher),
         f"naive ({len(times)} steps)": (teacher_sampler(teacher, len(times), job.method.guidance), args.num),
-        f"student ({len(times)} steps)": (student_sampler(student, times), args.num),
+        f"student ({len(times)} steps)": (trained_sampler(student, trained_method(student_dir)), args.num),
     }
     rows, strips = {}, []
     for name, (sampler, num) in samplers.items():

@@ -49,6 +49,30 @@ class DataConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """Consistency distillation (``method.name = "cd"``; losses/consistency.py)."""
+
+    teacher_steps: int = 48  # the teacher solver's grid; a multiple of method.student_steps (its phases)
+    skip: int = 2  # grid intervals one teacher ODE step spans (LCM's k)
+    distance: str = "huber"  # "huber" (pseudo-Huber) or "l2"
+    huber_c: float = 0.001
+    target_decay: float = 0.95  # EMA of the target network (0: the student itself, without gradient)
+    lpips_path: str = ""  # safetensors state dict of lpips.LPIPS; needed when method.weights.lpips > 0
+    lpips_net: str = "alex"
+
+
+@dataclass
+class AdversarialConfig:
+    """The GAN term (``method.weights.gan > 0``, or ``method.name = "gan"``; losses/adversarial.py)."""
+
+    backbone: str = "teacher"  # frozen network whose features the heads read: "teacher" (LADD) or "critic" (DMD2)
+    layers: list[int] = field(default_factory=list)  # its blocks that get a head; empty: the middle block
+    loss: str = "hinge"  # "hinge" or "non_saturating"
+    r1_weight: float = 100.0  # approximate R1 on real samples (APT): |D(x) - D(x + sigma n)|^2
+    r1_sigma: float = 0.01
+
+
+@dataclass
 class MethodConfig:
     name: str = "flow"
     guidance: float = 5.0  # CFG scale of the teacher wherever a method queries it
@@ -56,8 +80,10 @@ class MethodConfig:
     critic_steps: int = 1  # critic/discriminator updates per generator update (two time-scale rule)
     weights: dict[str, float] = field(default_factory=dict)  # named loss terms and their weights
     student_steps: int = 4  # the few-step student's step count (distillation methods)
-    t_min: float = 0.02  # range of the noise levels at which DMD compares real and fake scores
+    t_min: float = 0.02  # range of the noise levels at which DMD compares scores and discriminators look
     t_max: float = 0.98
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
 @dataclass
@@ -140,10 +166,14 @@ _CHOICES = {
     "deepspeed.precision": ("auto", "bf16", "fp32"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
+    "method.consistency.distance": ("huber", "l2"),
+    "method.consistency.lpips_net": ("alex", "vgg", "squeeze"),
+    "method.adversarial.backbone": ("teacher", "critic"),
+    "method.adversarial.loss": ("hinge", "non_saturating"),
 }
 _POSITIVE = ("data.channels", "data.frames", "data.height", "data.width", "data.batch_size", "data.num_samples", "train.steps",
              "train.grad_accum", "train.checkpoint_every", "train.keep_last", "method.critic_steps", "method.student_steps", "logging.every",
-             "optim.lr")
+             "optim.lr", "method.consistency.teacher_steps", "method.consistency.skip")
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
@@ -217,6 +247,7 @@ def validate(job: JobConfig, where: str = "job") -> JobConfig:
         raise ConfigError(f"{where}: deepspeed.offload needs deepspeed.zero_stage >= 1")
     if job.data.kind == "shards" and not job.data.path:
         raise ConfigError(f"{where}: data.kind = 'shards' needs data.path (a shard directory)")
+    _validate_methods(job.method, where)
     if len(job.optim.betas) != 2:
         raise ConfigError(f"{where}: optim.betas must have two entries, got {job.optim.betas}")
     _validate_lora(job, where)
@@ -242,6 +273,23 @@ def _validate_lora(job: JobConfig, where: str) -> None:
     if job.deepspeed.zero_stage == 3:
         raise ConfigError(f"{where}: lora.rank > 0 keeps the frozen base whole on every GPU; use "
                           "deepspeed.zero_stage 0-2 (ZeRO-3 would partition only the adapters)")
+
+
+def _validate_methods(method: MethodConfig, where: str) -> None:
+    """Settings of consistency distillation and of the GAN term."""
+    cd = method.consistency
+    if method.name == "cd" and cd.teacher_steps % method.student_steps:
+        raise ConfigError(f"{where}: method.consistency.teacher_steps ({cd.teacher_steps}) must be a multiple of "
+                          f"method.student_steps ({method.student_steps}): each student step is a phase of the grid")
+    if not 0.0 <= cd.target_decay < 1.0:
+        raise ConfigError(f"{where}: method.consistency.target_decay must be in [0, 1), got {cd.target_decay}")
+    if method.weights.get("lpips", 0.0) > 0 and not cd.lpips_path:
+        raise ConfigError(f"{where}: method.weights.lpips > 0 needs method.consistency.lpips_path (a local "
+                          "safetensors state dict of lpips.LPIPS; nothing is downloaded)")
+    adv = method.adversarial
+    if adv.r1_weight < 0 or adv.r1_sigma <= 0:
+        raise ConfigError(f"{where}: method.adversarial needs r1_weight >= 0 and r1_sigma > 0, "
+                          f"got {adv.r1_weight}, {adv.r1_sigma}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -46,8 +46,9 @@ def export_diffusers(model_dir: str | Path, out_dir: str | Path) -> Path:
     for path in [model_dir / "config.json", model_dir / "schedule.json", *weights]:
         shutil.copy2(path, out / "transformer" / path.name)
     times = method.get("timesteps")
+    stochastic = times is not None and method.get("sampler") != "ode"  # phased consistency students step the ODE
     scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": schedule.num_train_timesteps,
-                 "shift": schedule.shift, "stochastic_sampling": times is not None}
+                 "shift": schedule.shift, "stochastic_sampling": stochastic}
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
     (out / "method.json").write_text(json.dumps(method, indent=1))
@@ -81,7 +82,9 @@ def _model_card(method: dict, shift: float, times: list[float] | None, lora_of: 
         sampling = (f"A {len(times)}-step student distilled with `{name}` (guidance {method.get('guidance')} baked in: "
                     f"sample without CFG). Its step list is t = {times} (after the flow shift {shift}); with the "
                     f"scheduler here call `scheduler.set_timesteps(sigmas={sigmas})`, which applies the shift, and "
-                    "each step predicts x0 and re-noises it to the next time (`stochastic_sampling`).")
+                    + ("each step is a deterministic Euler step to the next time (a phased consistency student)."
+                       if method.get("sampler") == "ode" else
+                       "each step predicts x0 and re-noises it to the next time (`stochastic_sampling`)."))
     layout = ("""`transformer/` (diffusers `WanTransformer3DModel`: `from_pretrained(dir, subfolder="transformer")`),
   `scheduler/` (`FlowMatchEulerDiscreteScheduler`), `method.json` (how it was trained)""" if lora_of is None else
               f"""`{LORA_FILE}` (a LoRA of the teacher `{lora_of.get('source') or lora_of.get('family')}`:

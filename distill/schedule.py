@@ -86,6 +86,15 @@ class Schedule:
         alpha, sigma = self._coefficients(t, x0)
         return alpha * x0 + sigma * eps
 
+    def renoise(self, x_s: Tensor, s: TimeLike, t: TimeLike, eps: Tensor) -> Tensor:
+        """A sample of ``x_t`` given ``x_s`` at a lower noise level ``s <= t`` (the forward process from ``s``):
+        ``x_t = (alpha_t / alpha_s) x_s + sqrt(sigma_t^2 - (alpha_t sigma_s / alpha_s)^2) eps``. From ``s = 0`` it is
+        :meth:`add_noise`; discriminators use it to noise samples that are themselves at a level ``s > 0``."""
+        alpha_s, sigma_s = self._coefficients(s, x_s)
+        alpha_t, sigma_t = self._coefficients(t, x_s)
+        ratio = alpha_t / alpha_s
+        return ratio * x_s + (sigma_t**2 - (ratio * sigma_s) ** 2).clamp_min(0).sqrt() * eps
+
     def target(self, x0: Tensor, eps: Tensor, t: TimeLike) -> Tensor:
         """The native prediction a perfect model outputs: the training target."""
         alpha, sigma = self._coefficients(t, x0)

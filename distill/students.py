@@ -46,23 +46,28 @@ def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def rollout(student: Denoiser, noise: Tensor, cond: Conditioning, times: list[float], upto: int,
-            generator: torch.Generator | None = None) -> Tensor:
+            generator: torch.Generator | None = None, deterministic: bool = False) -> Tensor:
     """The state ``x_{t_upto}`` that the student's own sampling reaches from ``noise`` (no gradient).
 
-    DMD2's backward simulation: the generator is trained on the inputs it meets at inference.
+    DMD2's backward simulation: the generator is trained on the inputs it meets at inference. ``deterministic``
+    takes the ODE step from each time to the next instead of re-noising the ``x0`` estimate with fresh noise: the
+    sampler of a phased consistency student (PCM), whose outputs are consistent only along its own phases.
     """
     x = noise
     with torch.no_grad():
         for k in range(upto):
             t = torch.full((x.shape[0],), times[k], device=x.device)
+            if deterministic:
+                x = student.schedule.step(x, t, times[k + 1], student(x, t, cond))
+                continue
             x0 = student.denoise(x, t, cond)
             x = student.schedule.add_noise(x0, _noise_like(x0, generator), times[k + 1])
     return x
 
 
 def few_step_sample(student: Denoiser, noise: Tensor, cond: Conditioning, times: list[float],
-                    generator: torch.Generator | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, deterministic: bool = False) -> Tensor:
     """Generate with the student's step list: ``x0`` of its last step."""
-    x = rollout(student, noise, cond, times, len(times) - 1, generator)
+    x = rollout(student, noise, cond, times, len(times) - 1, generator, deterministic)
     with torch.no_grad():
         return student.denoise(x, torch.full((x.shape[0],), times[-1], device=x.device), cond)

@@ -134,6 +134,9 @@ class Trainer:
             params = dict(self.nets["generator"].named_parameters())
             with gathered(list(params.values())):
                 self.ema = {name: p.detach().float().clone() for name, p in params.items() if p.requires_grad}
+        # Frozen copies the method keeps near a trained network (consistency distillation's EMA target):
+        # name -> (role, decay), moved after each update of that role and saved with checkpoints.
+        self.targets: dict[str, tuple[str, float]] = dict(getattr(method, "ema_targets", {}))
         self.step = 0  # completed generator steps
         self.micro = 0  # micro-batches consumed
         self.skipped = 0
@@ -171,12 +174,22 @@ class Trainer:
             for name, avg in self.ema.items():
                 avg.lerp_(params[name].detach().float(), 1 - decay)
 
+    def _update_targets(self, role: str) -> None:
+        for name, (source, decay) in self.targets.items():
+            if source != role:
+                continue
+            params = dict(self.nets[source].named_parameters())
+            with gathered(list(params.values())), torch.no_grad():
+                for key, p in self.nets[name].named_parameters():
+                    p.lerp_(params[key].detach().to(p.dtype), 1 - decay)
+
     def train_step(self) -> dict[str, float]:
         logs: dict[str, float] = {}
         for role in self.method.roles:
             repeats = 1 if role == "generator" else self.job.method.critic_steps
             for update in range(repeats):
                 logs.update(self._update(role, update))
+            self._update_targets(role)
         if self.ema:
             self._update_ema()
         self.step += 1
@@ -199,6 +212,9 @@ class Trainer:
         if self.rank == 0:
             if self.ema:
                 save_file({k: v.contiguous() for k, v in self.ema.items()}, str(tmp / "ema.safetensors"))
+            for name in self.targets:
+                save_file({k: v.contiguous() for k, v in self.nets[name].state_dict().items()},
+                          str(tmp / f"{name}.safetensors"))
             state = {"step": self.step, "micro": self.micro, "skipped": self.skipped, "job": to_dict(self.job)}
             (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
             shutil.rmtree(final, ignore_errors=True)
@@ -220,6 +236,8 @@ class Trainer:
         self.step, self.micro, self.skipped = state["step"], state["micro"], state["skipped"]
         if self.ema:
             self.ema = {k: v.to(self.device) for k, v in load_file(str(path / "ema.safetensors")).items()}
+        for name in self.targets:
+            self.nets[name].load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(self.device)))
         return True
 
     # ---------------------------------------------------------------- logging and the loop

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from distill.conditioning import Conditioning
 from distill.data.synthetic import caption, sample_labels
 from distill.schedule import euler_sample
-from distill.students import few_step_sample
+from distill.students import few_step_sample, step_subset
 from distill.text import TextEncoder
 from eval.probe import Probe, attribute_accuracy, fvd_probe, reference_features
 from teachers.base import Denoiser
@@ -38,9 +38,24 @@ def teacher_sampler(teacher: Denoiser, steps: int, guidance: float) -> Sampler:
                                             teacher.schedule, steps)
 
 
-def student_sampler(student: Denoiser, times: list[float]) -> Sampler:
-    """A few-step student's own sampler over its step list (no guidance: it was distilled in)."""
-    return lambda cond, noise: few_step_sample(student, noise, cond, times)
+def student_sampler(student: Denoiser, times: list[float], deterministic: bool = False) -> Sampler:
+    """A few-step student's own sampler over its step list (no guidance: it was distilled in); ``deterministic``
+    for students trained on ODE phases (``"sampler": "ode"`` in method.json)."""
+    return lambda cond, noise: few_step_sample(student, noise, cond, times, deterministic=deterministic)
+
+
+def trained_sampler(student: Denoiser, trained: dict, steps: int | None = None) -> Sampler:
+    """A trained student's sampler with ``steps`` of its step list (default: all), from its ``method.json``.
+
+    A phased consistency student (``"sampler": "ode"``) steps its ODE deterministically from phase edge to phase
+    edge, so it samples only with its own step count.
+    """
+    times = trained["timesteps"]
+    steps = steps or len(times)
+    ode = trained.get("sampler") == "ode"
+    if ode and steps != len(times):
+        raise ValueError(f"a phased consistency student samples only with its own {len(times)} steps, not {steps}")
+    return student_sampler(student, step_subset(times, steps), deterministic=ode)
 
 
 def trained_method(model_dir: str | Path) -> dict:
@@ -56,8 +71,10 @@ def load_sampler(model_dir: str | Path, device: torch.device, guidance: float, t
 
     model = load_student(model_dir) if is_lora_model(model_dir) else teachers.load_spec(str(model_dir))
     model = model.to(device).eval()
-    times = trained_method(model_dir).get("timesteps")
-    return teacher_sampler(model, teacher_steps, guidance) if times is None else student_sampler(model, times)
+    trained = trained_method(model_dir)
+    if "timesteps" not in trained:
+        return teacher_sampler(model, teacher_steps, guidance)
+    return trained_sampler(model, trained)
 
 
 def _sync(device: torch.device) -> None:

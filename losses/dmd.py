@@ -11,44 +11,18 @@ gradient.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from distill.conditioning import Batch
-from distill.students import make_student, rollout
+from distill.students import make_student
+from losses.adversarial import rollout_pair
 from losses.base import Logs, Networks
+from losses.common import randn_like, student_sample, uniform
 from losses.flow_matching import denoising_loss
 from teachers.base import Denoiser
-
-
-class FeatureHead(nn.Module):
-    """A light discriminator on a network's intermediate tokens: per-token MLP, averaged to one logit per
-    sample (DMD2 puts its GAN classifier on the fake-score network's features)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.net(tokens.float()).mean(dim=(1, 2))
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Parameters of ``module`` get no gradient inside the block (a generator step through the critic must
-    not leave gradients for the critic's next update)."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
 
 
 def dmd_loss(x0: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
@@ -60,17 +34,16 @@ def dmd_loss(x0: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
     return 0.5 * torch.mean((x0.float() - target.float()) ** 2)
 
 
-DMD_TERMS = ("dmd", "gan", "gan_critic")
+DMD_TERMS = ("dmd",)
 
 
 @dataclass
 class DMDMethod:
     """DMD2 with a ``generator`` (student), a ``critic`` (fake score) and the frozen ``teacher``.
 
-    ``weights``: ``dmd`` (the distribution-matching term), ``gan`` (the generator's non-saturating GAN term)
-    and ``gan_critic`` (the discriminator's term in the critic update; real clips come from the batch). The
-    GAN terms use a :class:`FeatureHead` on the critic's middle-block tokens at noise levels in
-    ``[t_min, t_max]``.
+    ``weights``: ``dmd`` (the distribution-matching term). DMD2's GAN term is the adversarial term of
+    losses/adversarial.py added by ``method.weights.gan`` (``losses.build``), with its heads on the critic's
+    features where ``method.adversarial.backbone = "critic"``.
     """
 
     times: list[float]  # the student's step list
@@ -85,72 +58,40 @@ class DMDMethod:
         unknown = set(self.weights) - set(DMD_TERMS)
         if unknown:
             raise ValueError(f"method.weights: unknown DMD loss terms {sorted(unknown)}; known: {list(DMD_TERMS)}")
-        self.weights = {"dmd": 1.0, "gan": 0.0, "gan_critic": 0.0, **self.weights}  # the DMD term is on by default
+        self.weights = {"dmd": 1.0, **self.weights}  # the DMD term is on by default
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
 
-    @property
-    def uses_gan(self) -> bool:
-        return self.weights["gan"] > 0 or self.weights["gan_critic"] > 0
-
     def networks(self, model: Denoiser) -> tuple[Networks, Networks]:
-        critic = make_student(model)
-        if self.uses_gan:
-            critic.gan_head = FeatureHead(model.feature_dim)  # trained with the critic, in its engine
-        return {"generator": make_student(model), "critic": critic}, {"teacher": model}
-
-    def _noised(self, x0: Tensor, generator: torch.Generator, schedule) -> tuple[Tensor, Tensor]:
-        """``x0`` re-noised to a random level in ``[t_min, t_max]``, and that level."""
-        t = self.t_min + (self.t_max - self.t_min) * torch.rand(x0.shape[0], generator=generator,
-                                                                 device=generator.device)
-        t = t.to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device, x0.dtype)
-        return schedule.add_noise(x0, eps, t), t
-
-    def _logits(self, critic: Denoiser, x0: Tensor, batch: Batch, generator: torch.Generator) -> Tensor:
-        x_t, t = self._noised(x0, generator, critic.schedule)
-        return critic.gan_head(critic.features(x_t, t, batch.cond))
+        return {"generator": make_student(model), "critic": make_student(model)}, {"teacher": model}
 
     def describe(self) -> dict:
         return {"method": "dmd", "timesteps": self.times, "guidance": self.guidance}
 
-    def _generate(self, student: Denoiser, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
-        """A student sample ``x0`` from one of its steps, reached by its own rollout."""
-        shape, device = batch.shape, batch.cond.text.device  # DMD needs no data latents: prompts suffice
-        noise = torch.randn(shape, generator=generator, device=generator.device).to(device)
-        step = int(torch.randint(len(self.times), (1,), generator=generator, device=generator.device))
-        x = rollout(student, noise, batch.cond, self.times, step, generator)
-        t = torch.full((shape[0],), self.times[step], device=device)
-        with torch.set_grad_enabled(grad):
-            return student.denoise(x, t, batch.cond)
-
-    def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]:
+    def generator_loss(self, nets: Networks, batch: Batch,
+                       generator: torch.Generator) -> tuple[Tensor, Logs, Tensor, Tensor]:
+        """The generator's loss, its logs, and the sample it was computed on (with gradient) at level 0."""
         student, critic, teacher = nets["generator"], nets["critic"], nets["teacher"]
-        schedule = teacher.schedule
-        if role == "critic":
-            x0 = self._generate(student, batch, generator, grad=False)
-            t = schedule.sample_training_time((x0.shape[0],), generator, generator.device, self.time_distribution)
-            eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-            loss = denoising_loss(critic, x0, batch.cond, t.to(x0.device), eps)
-            logs = {"denoise": loss.item()}
-            if self.weights["gan_critic"] > 0:
-                if batch.latents is None:
-                    raise ValueError("the GAN term needs real clips: a batch with latents, not prompt-only data")
-                gan = (F.softplus(-self._logits(critic, batch.latents, batch, generator)).mean()
-                       + F.softplus(self._logits(critic, x0, batch, generator)).mean())
-                loss = loss + self.weights["gan_critic"] * gan
-                logs["gan"] = gan.item()
-            return loss, {"loss": loss.item(), **logs}
-        x0 = self._generate(student, batch, generator, grad=True)
-        x_t, t = self._noised(x0.detach(), generator, schedule)
+        x0 = student_sample(student, batch, self.times, generator, grad=True)
+        t = uniform(x0.shape[0], self.t_min, self.t_max, generator, x0.device)
+        x_t = teacher.schedule.add_noise(x0.detach(), randn_like(x0, generator), t)
         with torch.no_grad():
             real = teacher.denoise(x_t, t, batch.cond, guidance=self.guidance)
             fake = critic.denoise(x_t, t, batch.cond)
         loss = self.weights["dmd"] * dmd_loss(x0, real, fake)
-        logs = {"real_fake_gap": (real - fake).abs().mean().item()}
-        if self.weights["gan"] > 0:
-            with frozen(critic):
-                gan = F.softplus(-self._logits(critic, x0, batch, generator)).mean()
-            loss = loss + self.weights["gan"] * gan
-            logs["gan"] = gan.item()
-        return loss, {"loss": loss.item(), **logs}
+        logs = {"loss": loss.item(), "real_fake_gap": (real - fake).abs().mean().item()}
+        return loss, logs, x0, torch.zeros_like(t)
+
+    def real_and_fake(self, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """Clips of the batch and student samples (no gradient), both at level 0, for a discriminator."""
+        return rollout_pair(nets["generator"], batch, self.times, generator)
+
+    def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]:
+        if role == "critic":
+            x0 = student_sample(nets["generator"], batch, self.times, generator, grad=False)
+            schedule = nets["teacher"].schedule
+            t = schedule.sample_training_time((x0.shape[0],), generator, generator.device, self.time_distribution)
+            loss = denoising_loss(nets["critic"], x0, batch.cond, t.to(x0.device), randn_like(x0, generator))
+            return loss, {"loss": loss.item(), "denoise": loss.item()}
+        loss, logs, _, _ = self.generator_loss(nets, batch, generator)
+        return loss, logs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -87,24 +88,35 @@ class WanDenoiser(Denoiser):
     def feature_dim(self) -> int:
         return self.config.num_attention_heads * self.config.attention_head_dim
 
-    def features(self, x_t: Tensor, t: Tensor, cond: Conditioning, layer: int | None = None) -> Tensor:
-        """Tokens ``[B, S, feature_dim]`` after block ``layer`` (default: the middle one); the forward stops
-        there. Discriminator heads read them (DMD2's GAN branch on the fake-score network)."""
+    def features(self, x_t: Tensor, t: Tensor, cond: Conditioning,
+                 layer: int | Sequence[int] | None = None) -> Tensor | list[Tensor]:
+        """Tokens ``[B, S, feature_dim]`` after block ``layer`` (default: the middle one), or a list of them for a
+        list of blocks (``None`` in it: the middle one); the forward stops after the deepest one. Discriminator
+        heads read them (DMD2's GAN branch on the fake-score network; LADD's heads on several teacher blocks)."""
         blocks = self.transformer.blocks
-        captured: list[Tensor] = []
+        single = not isinstance(layer, Sequence)
+        layers = [len(blocks) // 2 if i is None else i for i in ([layer] if single else layer)]
+        if any(not -len(blocks) <= i < len(blocks) for i in layers):
+            raise ValueError(f"feature layers {layers} out of range: this model has {len(blocks)} blocks")
+        layers = [i % len(blocks) for i in layers]
+        captured: dict[int, Tensor] = {}
 
-        def stop(module, args, output):
-            captured.append(output)
-            raise _FeaturesReady
+        def keep(index: int):
+            def hook(module, args, output):
+                captured[index] = output
+                if index == max(layers):
+                    raise _FeaturesReady
+            return hook
 
-        handle = blocks[len(blocks) // 2 if layer is None else layer].register_forward_hook(stop)
+        handles = [blocks[i].register_forward_hook(keep(i)) for i in set(layers)]
         try:
             self(x_t, t, cond)
         except _FeaturesReady:
             pass
         finally:
-            handle.remove()
-        return captured[0]
+            for handle in handles:
+                handle.remove()
+        return captured[layers[0]] if single else [captured[i] for i in layers]
 
     def enable_gradient_checkpointing(self) -> None:
         from distill.checkpointing import checkpoint_block
