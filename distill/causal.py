@@ -1,0 +1,314 @@
+"""Chunk-causal Wan students: block-masked training over whole clips, KV-cached streaming at inference.
+
+A causal student (CausVid, Yin et al. 2025; Self-Forcing, Huang et al. 2025) splits the latent frames into
+chunks of ``chunk_frames``; every token of a chunk attends to its own chunk and to all earlier chunks. The same
+weights run two ways, chosen per call by :class:`CausalWanDenoiser`:
+
+- **mask mode** (no cache): the whole clip in one forward with a block-causal mask (FlexAttention on CUDA,
+  masked SDPA elsewhere). Per-chunk times ``[B, T]`` give diffusion forcing.
+- **cache mode**: one chunk per forward. Each layer's self-attention reads the keys/values of earlier chunks
+  from a :class:`KVCache`; after a chunk is denoised, its clean ``x0`` is run once more at ``t = 0`` with
+  ``write=True`` to put its keys/values in the cache (as both papers do).
+
+Positions (Wan's 3-D RoPE). Keys are cached *before* RoPE, and RoPE is applied at attention time with
+positions inside the cache window: cached frames sit at ``0 .. n-1`` in cache order and the current chunk at
+``n .. n+c-1``. Until the window is full these are the absolute frame positions, so streaming equals the
+whole-clip masked forward exactly. Once it rolls (the oldest non-sink frames are evicted), every query still
+sees keys at the same relative offsets it saw in training (at most ``cache_frames + chunk_frames - 1``), and
+sink frames keep positions ``0 .. s-1`` just before the rest of the window: the cache-relative positions of
+StreamingLLM (Xiao et al. 2024), which keeps all RoPE angles in the trained range however long the video
+runs. Absolute positions would instead push query/sink distances past anything seen in training and past
+the RoPE table (``rope_max_seq_len``). The cost is re-applying RoPE to the cached keys at each call, an
+elementwise pass that is small next to attention over them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+from torch import Tensor
+
+from distill.conditioning import Conditioning
+from distill.schedule import Schedule
+from teachers.wan import WanDenoiser
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Wan's rotary embedding on ``[B, S, H, D]`` with interleaved pairs (tables ``[1, S, 1, D]``), as in
+    diffusers' ``WanAttnProcessor``."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def chunk_ids(frames: int, tokens_per_frame: int, chunk_frames: int, device: torch.device | None = None) -> Tensor:
+    """The chunk index of every token of a ``frames``-frame clip (frame-major token order)."""
+    return torch.arange(frames, device=device).div(chunk_frames, rounding_mode="floor").repeat_interleave(
+        tokens_per_frame)
+
+
+def block_causal_mask(frames: int, tokens_per_frame: int, chunk_frames: int, device=None) -> Tensor:
+    """Boolean ``[S, S]`` (True = attend): a query's chunk is at or after the key's chunk."""
+    ids = chunk_ids(frames, tokens_per_frame, chunk_frames, device)
+    return ids[:, None] >= ids[None, :]
+
+
+_FLEX_CACHE: dict = {}
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, tokens_per_frame: int, chunk_frames: int) -> Tensor:
+    """Block-causal FlexAttention (``[B, H, S, D]``); the block mask and the compiled kernel are built once per
+    layout."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    key = (frames, tokens_per_frame, chunk_frames, q.device)
+    if key not in _FLEX_CACHE:
+        ids = chunk_ids(frames, tokens_per_frame, chunk_frames, q.device)
+        mask = create_block_mask(lambda b, h, qi, ki: ids[qi] >= ids[ki], B=None, H=None, Q_LEN=ids.numel(),
+                                 KV_LEN=ids.numel(), device=q.device)
+        _FLEX_CACHE[key] = mask
+    if "kernel" not in _FLEX_CACHE:
+        _FLEX_CACHE["kernel"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_CACHE["kernel"](q, k, v, block_mask=_FLEX_CACHE[key])
+
+
+class KVCache:
+    """Static per-layer key/value buffers for ``capacity`` latent frames (pre-RoPE keys, cache order).
+
+    ``frames`` counts the valid frames; writing a chunk into a full cache first evicts the oldest frames after
+    the ``sinks`` first ones (a rolling window). The buffers are allocated once, so memory stays flat however
+    many chunks are streamed. Host-side bookkeeping is Python ints only: nothing waits on the GPU.
+    """
+
+    def __init__(self, layers: int, batch: int, tokens_per_frame: int, capacity: int, chunk_frames: int,
+                 heads: int, head_dim: int, sinks: int = 0, device=None, dtype: torch.dtype = torch.float32):
+        if capacity < sinks + chunk_frames:
+            raise ValueError(f"KV cache of {capacity} frames cannot hold {sinks} sink frames plus a chunk of "
+                             f"{chunk_frames}")
+        shape = (layers, batch, capacity * tokens_per_frame, heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.capacity, self.chunk_frames, self.sinks, self.tokens_per_frame = capacity, chunk_frames, sinks, tokens_per_frame
+        self.frames = 0  # valid frames in the buffers
+        self.seen = 0  # frames ever written (the absolute position of the next chunk)
+
+    def reset(self) -> None:
+        self.frames = self.seen = 0
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def keys_values(self, layer: int) -> tuple[Tensor, Tensor]:
+        n = self.frames * self.tokens_per_frame
+        return self.k[layer, :, :n], self.v[layer, :, :n]
+
+    def make_room(self, frames: int) -> None:
+        """Evict the oldest non-sink frames so that ``frames`` more fit (all layers at once)."""
+        evict = self.frames + frames - self.capacity
+        if evict <= 0:
+            return
+        if self.frames - self.sinks < evict:
+            raise ValueError(f"cannot write {frames} frames into a KV cache of {self.capacity} with {self.sinks} sinks")
+        L = self.tokens_per_frame
+        start, keep_from, end = self.sinks * L, (self.sinks + evict) * L, self.frames * L
+        for buffer in (self.k, self.v):
+            buffer[:, :, start:end - evict * L] = buffer[:, :, keep_from:end].clone()
+        self.frames -= evict
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        start = self.frames * self.tokens_per_frame
+        self.k[layer, :, start:start + k.shape[1]] = k
+        self.v[layer, :, start:start + v.shape[1]] = v
+
+    def commit(self, frames: int) -> None:
+        self.frames += frames
+        self.seen += frames
+
+
+@dataclass
+class _CallState:
+    """What the processors of one model need to know about the forward in progress."""
+
+    frames: int = 0
+    tokens_per_frame: int = 0
+    cache: KVCache | None = None
+    write: bool = False
+    rope: tuple[Tensor, Tensor] | None = None  # cache mode: tables for window positions 0 .. capacity + chunk
+
+
+class ChunkCausalProcessor:
+    """Self-attention of one Wan block with chunk-causal masking (mask mode) or a KV cache (cache mode)."""
+
+    def __init__(self, state: _CallState, layer: int, chunk_frames: int, backend: str = "auto"):
+        self.state, self.layer, self.chunk_frames, self.backend = state, layer, chunk_frames, backend
+
+    def _use_flex(self, q: Tensor) -> bool:
+        return self.backend == "flex" or (self.backend == "auto" and q.is_cuda)
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        state = self.state
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if state.cache is None:
+            query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+            if self._use_flex(q):
+                out = _flex_attention(q, k, v, state.frames, state.tokens_per_frame, self.chunk_frames)
+            else:
+                mask = block_causal_mask(state.frames, state.tokens_per_frame, self.chunk_frames, q.device)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            cache = state.cache
+            cached_k, cached_v = cache.keys_values(self.layer)
+            n, s = cached_k.shape[1], key.shape[1]
+            if state.write:
+                cache.write(self.layer, key, value)
+            cos, sin = state.rope
+            keys = rotate(torch.cat([cached_k, key], dim=1), cos[:, :n + s], sin[:, :n + s])
+            query = rotate(query, cos[:, n:n + s], sin[:, n:n + s])
+            q, k, v = query.transpose(1, 2), keys.transpose(1, 2), torch.cat([cached_v, value], dim=1).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class CausalWanDenoiser(WanDenoiser):
+    """A Wan denoiser whose self-attention is chunk-causal. The weights (and ``state_dict``) are the teacher's;
+    only the attention processors differ, so a checkpoint loads into either."""
+
+    def __init__(self, transformer, schedule: Schedule | None = None, chunk_frames: int = 1, backend: str = "auto"):
+        super().__init__(transformer, schedule)
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        if transformer.config.patch_size[0] != 1:
+            raise ValueError("chunk-causal attention needs a temporal patch size of 1")
+        self.chunk_frames = chunk_frames
+        self._state = _CallState()
+        for i, block in enumerate(transformer.blocks):
+            block.attn1.set_processor(ChunkCausalProcessor(self._state, i, chunk_frames, backend))
+
+    @classmethod
+    def from_bidirectional(cls, model: WanDenoiser, chunk_frames: int, backend: str = "auto") -> "CausalWanDenoiser":
+        """The causal twin of ``model``, sharing its transformer (copy ``model`` first to keep it bidirectional)."""
+        return cls(model.transformer, model.schedule, chunk_frames, backend)
+
+    def _tokens_per_frame(self, x: Tensor) -> int:
+        _, p_h, p_w = self.config.patch_size
+        return (x.shape[3] // p_h) * (x.shape[4] // p_w)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, cache: KVCache | None = None, write: bool = False,
+                **kwargs) -> Tensor:
+        """Mask mode over the whole clip when ``cache`` is None; else one chunk against ``cache`` (and, with
+        ``write``, its keys/values appended to it)."""
+        state = self._state
+        state.frames, state.tokens_per_frame = x_t.shape[2], self._tokens_per_frame(x_t)
+        if cache is None:
+            return super().forward(x_t, t, cond, **kwargs)
+        if x_t.shape[2] > self.chunk_frames:
+            raise ValueError(f"cache mode takes one chunk of <= {self.chunk_frames} frames, got {x_t.shape[2]}")
+        if cache.tokens_per_frame != state.tokens_per_frame:
+            raise ValueError(f"KV cache is for {cache.tokens_per_frame} tokens per frame, latents have "
+                             f"{state.tokens_per_frame}")
+        if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:
+            raise ValueError("cache mode cannot recompute under gradient checkpointing (the cache changes before "
+                             "the backward pass); disable model.gradient_checkpointing for KV-cached training")
+        cache.make_room(x_t.shape[2])  # evict before a chunk's first step, so its steps and write see one window
+        state.cache, state.write, state.rope = cache, write, self._window_rope(cache, x_t)
+        try:
+            return super().forward(x_t, t, cond, **kwargs)
+        finally:
+            state.cache, state.write, state.rope = None, False, None
+            if write:
+                cache.commit(x_t.shape[2])
+
+    def _window_rope(self, cache: KVCache, x: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE tables for window positions ``0 .. capacity + chunk - 1`` at this frame size (built once per cache)."""
+        key = (x.shape[3], x.shape[4])
+        tables = getattr(cache, "rope", None)
+        if tables is None or tables[0] != key:
+            frames = cache.capacity + self.chunk_frames
+            probe = x.new_empty((1, 0, frames, x.shape[3], x.shape[4]))  # the RoPE module reads only the shape
+            cache.rope = (key, tuple(t.to(x.device) for t in self.transformer.rope(probe)))
+        return cache.rope[1]
+
+    def new_cache(self, batch: int, height: int, width: int, capacity: int, sinks: int = 0,
+                  device=None, dtype: torch.dtype | None = None) -> KVCache:
+        """Preallocated buffers for latents of ``height x width`` and a window of ``capacity`` frames."""
+        _, p_h, p_w = self.config.patch_size
+        heads, head_dim = self.config.num_attention_heads, self.config.attention_head_dim
+        param = next(self.transformer.parameters())
+        return KVCache(len(self.transformer.blocks), batch, (height // p_h) * (width // p_w), capacity,
+                       self.chunk_frames, heads, head_dim, sinks, device or param.device, dtype or param.dtype)
+
+
+def _noise(shape, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device).to(like.device, like.dtype)
+
+
+def denoise_chunk(step: "callable", noise: Tensor, times: list[float], schedule: Schedule,
+                  generator: torch.Generator | None = None, grad_step: int | None = None) -> Tensor:
+    """A few-step student's sampler on one chunk: ``step(x, t) -> x0`` at each time, re-noised with fresh noise
+    to the next. With ``grad_step = k`` the chain stops at step ``k`` and only that call records gradients
+    (Self-Forcing's gradient through one randomly chosen step); otherwise nothing does."""
+    x, last = noise, len(times) - 1 if grad_step is None else grad_step
+    for k in range(last + 1):
+        with torch.set_grad_enabled(grad_step == k and torch.is_grad_enabled()):
+            x0 = step(x, times[k])
+        if k < last:
+            x = schedule.add_noise(x0.detach(), _noise(x0.shape, generator, x0), times[k + 1])
+    return x0
+
+
+def _chunks(frames: int, chunk_frames: int) -> list[slice]:
+    return [slice(s, min(s + chunk_frames, frames)) for s in range(0, frames, chunk_frames)]
+
+
+def stream_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, times: list[float],
+                  cache: KVCache | None = None, generator: torch.Generator | None = None,
+                  grad_steps: list[int] | None = None) -> Tensor:
+    """Generate ``noise.shape[2]`` frames chunk by chunk with the KV cache (a fresh one sized for the whole clip
+    when not given); after each chunk its ``x0`` is re-run at ``t = 0`` to write the cache.
+
+    ``grad_steps[c]`` makes chunk ``c`` stop at that step with gradient (Self-Forcing training); the cache is
+    written without gradient from the detached ``x0``.
+    """
+    B, _, T, H, W = noise.shape
+    if cache is None:
+        cache = model.new_cache(B, H, W, capacity=T, device=noise.device)
+    out = []
+    zero = torch.zeros(B, device=noise.device)
+    for c, frames in enumerate(_chunks(T, model.chunk_frames)):
+        step = lambda x, t: model.denoise(x, torch.full((B,), t, device=x.device), cond, cache=cache)
+        x0 = denoise_chunk(step, noise[:, :, frames], times, model.schedule, generator,
+                           None if grad_steps is None else grad_steps[c])
+        with torch.no_grad():
+            model(x0.detach(), zero, cond, cache=cache, write=True)
+        out.append(x0)
+    return torch.cat(out, dim=2)
+
+
+def masked_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, times: list[float],
+                  generator: torch.Generator | None = None) -> Tensor:
+    """The same generation as :func:`stream_sample` without a cache: every step runs the whole prefix (clean
+    earlier chunks at ``t = 0``, the current chunk at its time) through the block-masked forward. The reference
+    that streaming must equal; quadratic in the number of chunks."""
+    B, _, T = noise.shape[:3]
+    done: list[Tensor] = []
+    for frames in _chunks(T, model.chunk_frames):
+        prefix = sum(x.shape[2] for x in done)
+
+        def step(x: Tensor, t: float) -> Tensor:
+            clip = torch.cat([*done, x], dim=2)
+            per_frame = torch.zeros(B, clip.shape[2], device=x.device)
+            per_frame[:, prefix:] = t
+            return model.denoise(clip, per_frame, cond)[:, :, prefix:]
+
+        done.append(denoise_chunk(step, noise[:, :, frames], times, model.schedule, generator))
+    return torch.cat(done, dim=2)
