@@ -76,24 +76,26 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, tokens_per_fra
 
 
 class KVCache:
-    """Static per-layer key/value buffers for ``capacity`` latent frames (pre-RoPE keys, cache order).
+    """Static per-layer key/value buffers (pre-RoPE keys, cache order) for a window of ``capacity`` context
+    frames plus the chunk being written.
 
-    ``frames`` counts the valid frames; writing a chunk into a full cache first evicts the oldest frames after
-    the ``sinks`` first ones (a rolling window). The buffers are allocated once, so memory stays flat however
-    many chunks are streamed. Host-side bookkeeping is Python ints only: nothing waits on the GPU.
+    ``frames`` counts the valid frames. Before each chunk the oldest frames after the ``sinks`` first ones are
+    evicted until at most ``capacity`` remain (a rolling window), so every chunk attends to at most ``capacity``
+    earlier frames. The buffers are allocated once: memory stays flat however many chunks are streamed.
+    Host-side bookkeeping is Python ints only, so nothing waits on the device.
     """
 
     def __init__(self, layers: int, batch: int, tokens_per_frame: int, capacity: int, chunk_frames: int,
                  heads: int, head_dim: int, sinks: int = 0, device=None, dtype: torch.dtype = torch.float32):
         if capacity < sinks + chunk_frames:
-            raise ValueError(f"KV cache of {capacity} frames cannot hold {sinks} sink frames plus a chunk of "
-                             f"{chunk_frames}")
-        shape = (layers, batch, capacity * tokens_per_frame, heads, head_dim)
+            raise ValueError(f"a KV cache window of {capacity} frames must hold its {sinks} sink frames and at least "
+                             f"one chunk of {chunk_frames} recent frames")
+        shape = (layers, batch, (capacity + chunk_frames) * tokens_per_frame, heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity, self.chunk_frames, self.sinks, self.tokens_per_frame = capacity, chunk_frames, sinks, tokens_per_frame
         self.frames = 0  # valid frames in the buffers
-        self.seen = 0  # frames ever written (the absolute position of the next chunk)
+        self.seen = 0  # frames ever written
 
     def reset(self) -> None:
         self.frames = self.seen = 0
@@ -105,13 +107,11 @@ class KVCache:
         n = self.frames * self.tokens_per_frame
         return self.k[layer, :, :n], self.v[layer, :, :n]
 
-    def make_room(self, frames: int) -> None:
-        """Evict the oldest non-sink frames so that ``frames`` more fit (all layers at once)."""
-        evict = self.frames + frames - self.capacity
+    def make_room(self) -> None:
+        """Evict the oldest non-sink frames beyond the window (all layers at once)."""
+        evict = self.frames - self.capacity
         if evict <= 0:
             return
-        if self.frames - self.sinks < evict:
-            raise ValueError(f"cannot write {frames} frames into a KV cache of {self.capacity} with {self.sinks} sinks")
         L = self.tokens_per_frame
         start, keep_from, end = self.sinks * L, (self.sinks + evict) * L, self.frames * L
         for buffer in (self.k, self.v):
@@ -218,7 +218,7 @@ class CausalWanDenoiser(WanDenoiser):
         if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:
             raise ValueError("cache mode cannot recompute under gradient checkpointing (the cache changes before "
                              "the backward pass); disable model.gradient_checkpointing for KV-cached training")
-        cache.make_room(x_t.shape[2])  # evict before a chunk's first step, so its steps and write see one window
+        cache.make_room()  # before a chunk's first step, so that its steps and its write see one window
         state.cache, state.write, state.rope = cache, write, self._window_rope(cache, x_t)
         try:
             return super().forward(x_t, t, cond, **kwargs)

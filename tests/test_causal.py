@@ -1,0 +1,115 @@
+"""Causal students: streaming with the KV cache equals the block-masked whole-clip forward, the rolling window
+keeps memory flat, streaming generators round-trip through export."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.causal import CausalWanDenoiser, block_causal_mask, masked_sample, stream_sample
+from distill.conditioning import Conditioning
+from distill.stream import StreamingConfig, StreamingGenerator, export_streaming
+from teachers.wan import WanDenoiser
+
+TIMES = [1.0, 0.75, 0.5, 0.25]
+
+
+@pytest.fixture(scope="module")
+def causal():
+    return CausalWanDenoiser.from_bidirectional(WanDenoiser.load("tiny-random"), chunk_frames=2).eval()
+
+
+def _cond(batch=2, seed=0):
+    return Conditioning(torch.randn(batch, 5, 384, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_block_mask_is_chunk_causal():
+    mask = block_causal_mask(frames=4, tokens_per_frame=1, chunk_frames=2)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_mask_mode_is_causal_and_differs_from_bidirectional(causal):
+    x, t, cond = torch.randn(1, 3, 6, 16, 16), torch.rand(1, 6), _cond(1)
+    with torch.no_grad():
+        y = causal(x, t, cond)
+        x2 = x.clone()
+        x2[:, :, 4:] += 1.0
+        y2 = causal(x2, t, cond)
+        bidirectional = WanDenoiser.load("tiny-random")(x2, t, cond)
+    assert torch.equal(y[:, :, :4], y2[:, :, :4])  # earlier chunks never see later ones
+    assert (y[:, :, 4:] - y2[:, :, 4:]).abs().max() > 1e-3
+    assert (bidirectional[:, :, :4] - y2[:, :, :4]).abs().max() > 1e-3
+
+
+def test_streaming_equals_masked_whole_clip(causal):
+    noise, cond = torch.randn(2, 3, 6, 16, 16, generator=torch.Generator().manual_seed(1)), _cond()
+    with torch.no_grad():
+        streamed = stream_sample(causal, noise, cond, TIMES, generator=torch.Generator().manual_seed(2))
+        masked = masked_sample(causal, noise, cond, TIMES, generator=torch.Generator().manual_seed(2))
+    assert streamed.shape == noise.shape
+    torch.testing.assert_close(streamed, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_rolled_window_sees_training_positions():
+    """After the window rolls, a chunk sees the cached frames at cache-relative RoPE positions 0..n-1, as the
+    masked model sees a clip that starts with them. One layer, so that cached keys/values depend only on their
+    own frames (deeper layers' cached entries keep the context they were written with, by design)."""
+    from teachers.wan import WAN_PRESETS
+
+    one_layer = CausalWanDenoiser.from_bidirectional(
+        WanDenoiser.from_config(dict(WAN_PRESETS["tiny-random"], num_layers=1)), chunk_frames=2).eval()
+    noise, cond = torch.randn(1, 3, 8, 16, 16, generator=torch.Generator().manual_seed(3)), _cond(1)
+    with torch.no_grad():
+        cache = one_layer.new_cache(1, 16, 16, capacity=4)
+        streamed = stream_sample(one_layer, noise, cond, [0.5], cache=cache)  # one step: no re-noising draws
+        assert cache.frames == 6 and cache.seen == 8
+        clip = torch.cat([streamed[:, :, 2:6], noise[:, :, 6:]], 2)  # the window before the last chunk, then it
+        reference = one_layer.denoise(clip, torch.tensor([[0.0, 0, 0, 0, 0.5, 0.5]]), cond)[:, :, 4:]
+        absolute = one_layer.denoise(torch.cat([streamed[:, :, :6], noise[:, :, 6:]], 2),
+                                     torch.tensor([[0.0] * 6 + [0.5] * 2]), cond)[:, :, 6:]
+    torch.testing.assert_close(streamed[:, :, 6:], reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(streamed[:, :, 6:], absolute, atol=1e-3)  # the evicted chunk is gone
+
+
+def test_rolling_window_memory_is_flat(causal):
+    """Ten times a 4-frame training length with a 2-frame sink: the cache buffers never grow or move."""
+    cache = causal.new_cache(1, 16, 16, capacity=4, sinks=2)
+    pointers, size = (cache.k.data_ptr(), cache.v.data_ptr()), cache.nbytes()
+    noise, cond = torch.randn(1, 3, 40, 16, 16), _cond(1)
+    with torch.no_grad():
+        video = stream_sample(causal, noise, cond, TIMES[:2], cache=cache)
+    assert torch.isfinite(video).all() and cache.seen == 40 and cache.frames == 6
+    assert (cache.k.data_ptr(), cache.v.data_ptr()) == pointers and cache.nbytes() == size
+
+
+def _trained_dir(tmp_path, dtype=torch.float32):
+    model = WanDenoiser.load("tiny-random")
+    out = model.save_pretrained(tmp_path / "model", dtype=dtype)
+    method = {"method": "dmd", "timesteps": TIMES, "causal": {"chunk_frames": 2, "train_frames": 6,
+                                                              "latent_size": [3, 16, 16]}}
+    (out / "method.json").write_text(json.dumps(method))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_load_roundtrip_is_bitwise(tmp_path, dtype):
+    out = export_streaming(_trained_dir(tmp_path), tmp_path / "gen", dtype=dtype, sink_frames=0)
+    config = StreamingConfig.read(out)
+    assert config.cache_frames == 4 and config.chunk_frames == 2 and config.dtype == dtype
+    generator = StreamingGenerator.from_pretrained(out, load_text_encoder=False)
+    again = generator.save_pretrained(tmp_path / "again")
+    first, second = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) and first[k].dtype == second[k].dtype for k in first)
+
+
+def test_stream_yields_frames_with_changing_prompts(tmp_path):
+    generator = StreamingGenerator.from_pretrained(export_streaming(_trained_dir(tmp_path), tmp_path / "gen"))
+    chunks = list(generator.stream(["a red circle moving left", "a blue square moving up", "a red circle"], 3, seed=0))
+    assert [c.shape for c in chunks] == [(2, 16, 16, 3)] * 3 and all(c.dtype == np.uint8 for c in chunks)
+    again = list(generator.stream(["a red circle moving left", "a blue square moving up", "a red circle"], 3, seed=0))
+    assert all(np.array_equal(a, b) for a, b in zip(chunks, again))  # seeded, cache reset between streams
+    other = list(generator.stream("a red circle moving left", 3, seed=0))
+    assert np.array_equal(other[0], chunks[0]) and not np.array_equal(other[1], chunks[1])
