@@ -312,3 +312,47 @@ def masked_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, t
 
         done.append(denoise_chunk(step, noise[:, :, frames], times, model.schedule, generator))
     return torch.cat(done, dim=2)
+
+
+def forcing_rollout(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, times: list[float],
+                    frame_steps: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Diffusion forcing (Chen et al. 2024) over the student's steps: every frame (in practice every chunk) runs
+    the student's own sampler up to its step ``frame_steps[b, f]``, all chunks advancing together through the
+    block-masked model (so a chunk sees earlier chunks at their current noise levels). Returns the states and
+    their per-frame times ``[B, T]``; no gradient."""
+    table = torch.tensor(times, device=noise.device)
+    frame_steps = frame_steps.to(noise.device)
+    x = noise
+    with torch.no_grad():
+        for k in range(int(frame_steps.max())):
+            t = table[frame_steps.clamp(max=k)]
+            x0 = model.denoise(x, t, cond)
+            advance = (frame_steps > k)[:, None, :, None, None]
+            x = torch.where(advance, model.schedule.add_noise(x0, _noise(x0.shape, generator, x0),
+                                                              table[k + 1]), x)
+    return x, table[frame_steps]
+
+
+def chunk_steps(batch: int, frames: int, chunk_frames: int, steps: int, generator: torch.Generator) -> Tensor:
+    """An independent random step index per sample and chunk, repeated over the chunk's frames: ``[B, T]``."""
+    chunks = -(-frames // chunk_frames)
+    drawn = torch.randint(steps, (batch, chunks), generator=generator, device=generator.device)
+    return drawn.repeat_interleave(chunk_frames, dim=1)[:, :frames]
+
+
+def make_causal_student(model: WanDenoiser, chunk_frames: int) -> CausalWanDenoiser:
+    """A trainable causal copy of a (bidirectional) Wan teacher."""
+    from distill.students import make_student
+
+    if not isinstance(model, WanDenoiser):
+        raise ValueError(f"causal students need a Wan teacher (diffusers WanTransformer3DModel), got "
+                         f"{type(model).__name__}")
+    return CausalWanDenoiser.from_bidirectional(make_student(model), chunk_frames)
+
+
+def causal_description(student, data) -> dict:
+    """What ``method.json`` records of a causal student (``[student]`` and ``[data]`` of its job), for export."""
+    return {"chunk_frames": student.chunk_frames, "train_frames": data.frames, "mode": student.mode,
+            "cache_frames": student.cache_frames or max(data.frames - student.chunk_frames,
+                                                                  student.sink_frames + student.chunk_frames),
+            "sink_frames": student.sink_frames, "latent_size": [data.channels, data.height, data.width]}

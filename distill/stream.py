@@ -13,6 +13,8 @@ synchronisation is the copy of each finished chunk's frames.
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -219,12 +221,12 @@ class StreamingGenerator:
             yield to_uint8_frames(self.decoder(x0)[0]) if decode else x0
 
 
-def export_streaming(model_dir: str | Path, out_dir: str | Path, cache_frames: int = 0, sink_frames: int = 0,
+def export_streaming(model_dir: str | Path, out_dir: str | Path, cache_frames: int = 0, sink_frames: int | None = None,
                      dtype: str = "", decoder: dict[str, str] | None = None, text_encoder: dict[str, str] | None = None,
                      fps: float = 8.0) -> Path:
     """A streaming generator directory from a trained causal student (``<output.dir>/model`` with a
-    ``method.json`` that records ``causal``). ``cache_frames`` defaults to the training length minus one chunk
-    (the most context any chunk saw in training)."""
+    ``method.json`` that records ``causal``). ``cache_frames`` and ``sink_frames`` default to the job's (a window of
+    the training length minus one chunk: the most context any chunk saw in training)."""
     model_dir = Path(model_dir)
     method_file = model_dir / "method.json"
     method = json.loads(method_file.read_text()) if method_file.is_file() else {}
@@ -236,7 +238,8 @@ def export_streaming(model_dir: str | Path, out_dir: str | Path, cache_frames: i
 
     model = teachers.load("wan", str(model_dir))
     chunk = causal["chunk_frames"]
-    cache_frames = cache_frames or max(causal["train_frames"] - chunk, chunk + sink_frames)
+    sink_frames = causal.get("sink_frames", 0) if sink_frames is None else sink_frames
+    cache_frames = cache_frames or causal.get("cache_frames") or max(causal["train_frames"] - chunk, chunk + sink_frames)
     weights_dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
     config = StreamingConfig(
         transformer=dict(model.transformer.config), schedule=schedule_to_dict(model.schedule),
@@ -246,3 +249,39 @@ def export_streaming(model_dir: str | Path, out_dir: str | Path, cache_frames: i
     config.transformer = {k: v for k, v in config.transformer.items() if not k.startswith("_")}
     causal_model = CausalWanDenoiser.from_bidirectional(model, chunk)
     return StreamingGenerator(causal_model, config).save_pretrained(out_dir)
+
+
+def write_stream(generator: StreamingGenerator, prompts: str | Sequence[str], seconds: float, out: str | Path,
+                 seed: int = 0, fps: float = 0) -> dict[str, float]:
+    """Stream ``seconds`` of video into ``out`` chunk by chunk: ``.mp4`` is fragmented (playable while it grows),
+    ``.gif`` is written at the end, ``.npy`` (for machines without PyAV) too. ``prompts``: one prompt, or a list
+    whose ``c``-th entry conditions chunk ``c`` (the last one holds). Returns frames, first-chunk latency, fps."""
+    from tqdm.auto import tqdm
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    fps = fps or generator.config.fps
+    ratio = 4 if generator.config.decoder.get("kind") == "wan_vae" else 1  # video frames per latent frame
+    num_chunks = max(1, math.ceil(seconds * fps / (ratio * generator.config.chunk_frames)))
+    out = Path(out)
+    frames, collected, first = 0, [], None
+    writer = None
+    if out.suffix != ".npy":
+        from distill.video import VideoWriter
+
+        writer = VideoWriter(out, fps=fps)
+    began = time.perf_counter()
+    try:
+        with tqdm(total=num_chunks, desc="stream", unit="chunk") as bar:
+            for chunk in generator.stream(lambda c: prompts[min(c, len(prompts) - 1)], num_chunks, seed):
+                if first is None:
+                    first = time.perf_counter() - began
+                frames += len(chunk)
+                writer.write(chunk) if writer is not None else collected.append(chunk)
+                bar.set_postfix(fps=f"{frames / (time.perf_counter() - began):.1f}", first_chunk=f"{first:.3f}s")
+                bar.update(1)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        np.save(out, np.concatenate(collected))
+    return {"frames": frames, "first_chunk_latency_s": first, "fps": frames / (time.perf_counter() - began)}
