@@ -340,14 +340,19 @@ def chunk_steps(batch: int, frames: int, chunk_frames: int, steps: int, generato
     return drawn.repeat_interleave(chunk_frames, dim=1)[:, :frames]
 
 
-def make_causal_student(model: WanDenoiser, chunk_frames: int) -> CausalWanDenoiser:
-    """A trainable causal copy of a (bidirectional) Wan teacher."""
+def make_causal_student(model: WanDenoiser, chunk_frames: int, init: str = "") -> CausalWanDenoiser:
+    """A trainable causal copy of a (bidirectional) Wan teacher, with the weights of the trained model directory
+    ``init`` when given (CausVid starts causal DMD from the ODE-regression student)."""
     from distill.students import make_student
 
     if not isinstance(model, WanDenoiser):
         raise ValueError(f"causal students need a Wan teacher (diffusers WanTransformer3DModel), got "
                          f"{type(model).__name__}")
-    return CausalWanDenoiser.from_bidirectional(make_student(model), chunk_frames)
+    student = make_student(model)
+    if init:
+        trained = WanDenoiser.from_pretrained(init).transformer.state_dict()
+        student.transformer.load_state_dict(trained)
+    return CausalWanDenoiser.from_bidirectional(student, chunk_frames)
 
 
 def causal_description(student, data) -> dict:

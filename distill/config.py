@@ -64,13 +64,15 @@ class MethodConfig:
 class StudentConfig:
     """A causal student (CausVid/Self-Forcing): chunk-causal attention over chunks of ``chunk_frames`` latent
     frames, trained by ``mode`` (DMD) and streamed with a KV window of ``cache_frames`` (0: the training length
-    minus one chunk) whose first ``sink_frames`` frames are never evicted."""
+    minus one chunk) whose first ``sink_frames`` frames are never evicted. ``init``: a trained model directory
+    to start the causal student from (e.g. the ODE-regression run before causal DMD) instead of the teacher."""
 
     causal: bool = False
     chunk_frames: int = 4
     mode: str = "diffusion_forcing"  # or "self_forcing"
     cache_frames: int = 0
     sink_frames: int = 0
+    init: str = ""
 
 
 @dataclass

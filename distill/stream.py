@@ -221,12 +221,13 @@ class StreamingGenerator:
             yield to_uint8_frames(self.decoder(x0)[0]) if decode else x0
 
 
-def export_streaming(model_dir: str | Path, out_dir: str | Path, cache_frames: int = 0, sink_frames: int | None = None,
-                     dtype: str = "", decoder: dict[str, str] | None = None, text_encoder: dict[str, str] | None = None,
-                     fps: float = 8.0) -> Path:
-    """A streaming generator directory from a trained causal student (``<output.dir>/model`` with a
-    ``method.json`` that records ``causal``). ``cache_frames`` and ``sink_frames`` default to the job's (a window of
-    the training length minus one chunk: the most context any chunk saw in training)."""
+def generator_from_model_dir(model_dir: str | Path, cache_frames: int = 0, sink_frames: int | None = None,
+                             dtype: str = "", decoder: dict[str, str] | None = None,
+                             text_encoder: dict[str, str] | None = None, fps: float = 8.0,
+                             device: str | torch.device = "cpu") -> StreamingGenerator:
+    """The streaming generator of a trained causal student (``<output.dir>/model`` with a ``method.json`` that
+    records ``causal``), without its text encoder or decoder loaded. ``cache_frames`` and ``sink_frames`` default
+    to the job's (a window of the training length minus one chunk: the most context any chunk saw in training)."""
     model_dir = Path(model_dir)
     method_file = model_dir / "method.json"
     method = json.loads(method_file.read_text()) if method_file.is_file() else {}
@@ -234,21 +235,44 @@ def export_streaming(model_dir: str | Path, out_dir: str | Path, cache_frames: i
     if not causal or "timesteps" not in method:
         raise ValueError(f"{method_file}: not a causal few-step student (needs 'causal' and 'timesteps'); train one "
                          "with [student] causal = true")
-    import teachers
-
-    model = teachers.load("wan", str(model_dir))
+    model = WanDenoiser.from_pretrained(model_dir)
     chunk = causal["chunk_frames"]
     sink_frames = causal.get("sink_frames", 0) if sink_frames is None else sink_frames
-    cache_frames = cache_frames or causal.get("cache_frames") or max(causal["train_frames"] - chunk, chunk + sink_frames)
-    weights_dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
     config = StreamingConfig(
-        transformer=dict(model.transformer.config), schedule=schedule_to_dict(model.schedule),
-        timesteps=method["timesteps"], chunk_frames=chunk, cache_frames=cache_frames,
-        latent_size=causal["latent_size"], sink_frames=sink_frames, dtype=weights_dtype,
+        transformer={k: v for k, v in model.transformer.config.items() if not k.startswith("_")},
+        schedule=schedule_to_dict(model.schedule), timesteps=method["timesteps"], chunk_frames=chunk,
+        cache_frames=cache_frames or causal.get("cache_frames") or max(causal["train_frames"] - chunk,
+                                                                       chunk + sink_frames),
+        latent_size=causal["latent_size"], sink_frames=sink_frames,
+        dtype=dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
         text_encoder=text_encoder or {"kind": "minilm", "path": ""}, decoder=decoder or {"kind": "identity"}, fps=fps)
-    config.transformer = {k: v for k, v in config.transformer.items() if not k.startswith("_")}
-    causal_model = CausalWanDenoiser.from_bidirectional(model, chunk)
-    return StreamingGenerator(causal_model, config).save_pretrained(out_dir)
+    return StreamingGenerator(CausalWanDenoiser.from_bidirectional(model.to(device), chunk), config)
+
+
+def export_streaming(model_dir: str | Path, out_dir: str | Path, cache_frames: int = 0, sink_frames: int | None = None,
+                     dtype: str = "", decoder: dict[str, str] | None = None, text_encoder: dict[str, str] | None = None,
+                     fps: float = 8.0) -> Path:
+    """``distill export --format streaming``: a trained causal student as a streaming generator directory."""
+    return generator_from_model_dir(model_dir, cache_frames, sink_frames, dtype, decoder, text_encoder,
+                                    fps).save_pretrained(out_dir)
+
+
+def measure(generator: StreamingGenerator, cond_of: Callable[[int], Conditioning], num_chunks: int,
+            seed: int = 0, decode: bool = True) -> dict[str, float]:
+    """First-chunk latency (stream start to the chunk's frames on the host) and sustained frames per second
+    (chunks after the first), after one warm-up stream. Video frames count after decoding; without decoding,
+    latent frames times the decoder's temporal ratio (what decoding would give)."""
+    ratio = 4 if generator.config.decoder.get("kind") == "wan_vae" else 1
+    for _ in generator.stream_embeddings(cond_of, 2, seed, decode):  # warm-up: kernels, allocator, RoPE tables
+        pass
+    began, stamps, frames = time.perf_counter(), [], []
+    for chunk in generator.stream_embeddings(cond_of, num_chunks, seed, decode):
+        chunk.cpu()  # the host has the frames: the only synchronisation
+        stamps.append(time.perf_counter() - began)
+        frames.append(chunk.shape[0] if decode else chunk.shape[2] * ratio)
+    sustained = sum(frames[1:]) / (stamps[-1] - stamps[0]) if num_chunks > 1 else frames[0] / stamps[0]
+    return {"first_chunk_latency_s": round(stamps[0], 4), "fps": round(sustained, 2),
+            "frames": sum(frames), "chunks": num_chunks, "seconds": round(stamps[-1], 4)}
 
 
 def write_stream(generator: StreamingGenerator, prompts: str | Sequence[str], seconds: float, out: str | Path,

@@ -33,7 +33,7 @@ class CausalDMDMethod(DMDMethod):
 
     def networks(self, model: Denoiser) -> tuple[Networks, Networks]:
         trainable, frozen = super().networks(model)
-        trainable["generator"] = make_causal_student(model, self.student.chunk_frames)
+        trainable["generator"] = make_causal_student(model, self.student.chunk_frames, self.student.init)
         return trainable, frozen
 
     def describe(self) -> dict:

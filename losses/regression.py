@@ -32,7 +32,7 @@ class RegressionMethod:
     roles: tuple[str, ...] = ("generator",)
 
     def networks(self, model: Denoiser) -> tuple[Networks, Networks]:
-        student = make_causal_student(model, self.student.chunk_frames) if self.student.causal else make_student(model)
+        student = make_causal_student(model, self.student.chunk_frames, self.student.init) if self.student.causal else make_student(model)
         return {"generator": student}, {}
 
     def describe(self) -> dict:

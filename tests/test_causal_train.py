@@ -78,3 +78,24 @@ def test_ode_pairs_regression_export_and_stream(tmp_path, capsys):
     frames = read_video(video)
     assert frames.shape == (8, 16, 16, 3) and frames.dtype == np.uint8
     assert "first chunk after" in capsys.readouterr().out
+
+
+def test_window_eval_writes_causal_rows(tmp_path):
+    """eval.windows at toy size: teacher and bidirectional rows on window 0, causal rows on windows 0 and 2."""
+    from eval.windows import main as windows_main
+
+    model = WanDenoiser.load("tiny-random")
+    student = model.save_pretrained(tmp_path / "student")
+    (student / "method.json").write_text(json.dumps({"method": "dmd", "timesteps": [1.0, 0.5]}))
+    causal = model.save_pretrained(tmp_path / "causal")
+    (causal / "method.json").write_text(json.dumps({"method": "dmd", "timesteps": [1.0, 0.5], "causal": {
+        "chunk_frames": 2, "train_frames": 4, "mode": "self_forcing", "latent_size": [3, 16, 16]}}))
+    out = tmp_path / "causal_tiny.json"
+    windows_main(["--teacher", "tiny-random", "--teacher-steps", "2", "--bidirectional", str(student),
+                  "--causal", f"sf={causal}", "--windows", "0", "2", "--num", "4", "--frames", "4", "--height", "16",
+                  "--width", "16", "--speed-chunks", "3", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["window"]) for r in rows] == [("teacher", 0), ("bidirectional", 0), ("sf", 0), ("sf", 2)]
+    causal_rows = rows[2:]
+    assert causal_rows[1]["frames"] == [8, 12] and causal_rows[0]["video_frames"] == 12
+    assert all(r["fps"] > 0 and r["first_chunk_latency_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in causal_rows)
