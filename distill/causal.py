@@ -103,8 +103,9 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
-    def keys_values(self, layer: int) -> tuple[Tensor, Tensor]:
-        n = self.frames * self.tokens_per_frame
+    def window(self, layer: int, extra_tokens: int) -> tuple[Tensor, Tensor]:
+        """Views of the valid keys and values of ``layer`` and the next ``extra_tokens`` slots."""
+        n = self.frames * self.tokens_per_frame + extra_tokens
         return self.k[layer, :, :n], self.v[layer, :, :n]
 
     def make_room(self) -> None:
@@ -119,6 +120,7 @@ class KVCache:
         self.frames -= evict
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Put a chunk's keys/values in the slots after the valid frames (counted only after :meth:`commit`)."""
         start = self.frames * self.tokens_per_frame
         self.k[layer, :, start:start + k.shape[1]] = k
         self.v[layer, :, start:start + v.shape[1]] = v
@@ -164,16 +166,20 @@ class ChunkCausalProcessor:
                 mask = block_causal_mask(state.frames, state.tokens_per_frame, self.chunk_frames, q.device)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            cache = state.cache
-            cached_k, cached_v = cache.keys_values(self.layer)
-            n, s = cached_k.shape[1], key.shape[1]
-            if state.write:
+            cache, s = state.cache, key.shape[1]
+            if torch.is_grad_enabled():  # self-forcing training: keep the static buffers out of the autograd graph
+                cached_k, cached_v = cache.window(self.layer, 0)
+                keys, values = torch.cat([cached_k, key], dim=1), torch.cat([cached_v, value], dim=1)
+                if state.write:
+                    cache.write(self.layer, key.detach(), value.detach())
+            else:  # the chunk goes in the slot after the valid frames; only a write pass commits it
                 cache.write(self.layer, key, value)
+                keys, values = cache.window(self.layer, s)
+            n = keys.shape[1] - s
             cos, sin = state.rope
-            keys = rotate(torch.cat([cached_k, key], dim=1), cos[:, :n + s], sin[:, :n + s])
+            keys = rotate(keys, cos[:, :n + s], sin[:, :n + s])
             query = rotate(query, cos[:, n:n + s], sin[:, n:n + s])
-            q, k, v = query.transpose(1, 2), keys.transpose(1, 2), torch.cat([cached_v, value], dim=1).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

@@ -113,3 +113,17 @@ def test_stream_yields_frames_with_changing_prompts(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(chunks, again))  # seeded, cache reset between streams
     other = list(generator.stream("a red circle moving left", 3, seed=0))
     assert np.array_equal(other[0], chunks[0]) and not np.array_equal(other[1], chunks[1])
+
+
+def test_cache_mode_with_gradient_matches_inference(causal):
+    """Self-forcing's rollout (gradient through the last step of each chunk) computes what inference computes."""
+    noise, cond = torch.randn(1, 3, 6, 16, 16), _cond(1)
+    with_grad = stream_sample(causal, noise, cond, TIMES[:2], generator=torch.Generator().manual_seed(4),
+                              grad_steps=[1, 1, 1])
+    with torch.no_grad():
+        inference = stream_sample(causal, noise, cond, TIMES[:2], generator=torch.Generator().manual_seed(4))
+    assert with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), inference, atol=1e-5, rtol=1e-5)
+    with_grad.square().mean().backward()
+    assert causal.transformer.blocks[0].attn1.to_k.weight.grad.abs().sum() > 0
+    causal.zero_grad(set_to_none=True)
