@@ -248,7 +248,7 @@ class CausalWanDenoiser(WanDenoiser):
         """Preallocated buffers for latents of ``height x width`` and a window of ``capacity`` frames."""
         _, p_h, p_w = self.config.patch_size
         heads, head_dim = self.config.num_attention_heads, self.config.attention_head_dim
-        param = next(self.transformer.parameters())
+        param = self.transformer.blocks[0].attn1.to_k.weight  # keys/values come out in its dtype
         return KVCache(len(self.transformer.blocks), batch, (height // p_h) * (width // p_w), capacity,
                        self.chunk_frames, heads, head_dim, sinks, device or param.device, dtype or param.dtype)
 

@@ -260,10 +260,12 @@ def export_streaming(model_dir: str | Path, out_dir: str | Path, cache_frames: i
 def measure(generator: StreamingGenerator, cond_of: Callable[[int], Conditioning], num_chunks: int,
             seed: int = 0, decode: bool = True) -> dict[str, float]:
     """First-chunk latency (stream start to the chunk's frames on the host) and sustained frames per second
-    (chunks after the first), after one warm-up stream. Video frames count after decoding; without decoding,
+    (chunks after the first), after a warm-up stream long enough to fill and roll the cache (every shape the
+    timed stream meets: kernels, allocator, compiled graphs). Video frames count after decoding; without decoding,
     latent frames times the decoder's temporal ratio (what decoding would give)."""
-    ratio = 4 if generator.config.decoder.get("kind") == "wan_vae" else 1
-    for _ in generator.stream_embeddings(cond_of, 2, seed, decode):  # warm-up: kernels, allocator, RoPE tables
+    cfg = generator.config
+    ratio = 4 if cfg.decoder.get("kind") == "wan_vae" else 1
+    for _ in generator.stream_embeddings(cond_of, cfg.cache_frames // cfg.chunk_frames + 2, seed, decode):
         pass
     began, stamps, frames = time.perf_counter(), [], []
     for chunk in generator.stream_embeddings(cond_of, num_chunks, seed, decode):

@@ -127,3 +127,23 @@ def test_cache_mode_with_gradient_matches_inference(causal):
     with_grad.square().mean().backward()
     assert causal.transformer.blocks[0].attn1.to_k.weight.grad.abs().sum() > 0
     causal.zero_grad(set_to_none=True)
+
+
+def test_streaming_benchmark_runs_at_toy_size(tmp_path):
+    """eval/bench_streaming.py end to end on the CPU: a 16-channel toy Wan and a toy Wan VAE."""
+    from eval.bench_streaming import gpu_slug, main as bench
+
+    config = tmp_path / "toy.json"
+    config.write_text(json.dumps({"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 16,
+                                  "in_channels": 16, "out_channels": 16, "text_dim": 64, "freq_dim": 32,
+                                  "ffn_dim": 64, "num_layers": 2}))
+    out = tmp_path / "streaming.json"
+    rows = bench(["--preset", str(config), "--height", "8", "--width", "8", "--chunk-frames", "2", "--cache-frames",
+                  "2", "--chunks", "3", "--text-tokens", "8", "--dtype", "float32", "--device", "cpu",
+                  "--vae-config", '{"base_dim": 8, "num_res_blocks": 1}', "--out", str(out)])
+    assert [r["includes_vae_decode"] for r in rows] == [False, True]
+    decoded = rows[1]
+    assert decoded["frames"] == 1 + 4 * (2 * 3 - 1) and decoded["resolution"] == "64x64"  # the VAE's 4x in time
+    assert all(r["fps"] > 0 and r["first_chunk_latency_s"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"][0]["model_size"] == "toy"
+    assert gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
