@@ -53,6 +53,11 @@ def load_sampler(model_dir: str | Path, device: torch.device, guidance: float, t
     """A model directory's sampler: a student's step list when it has one, else Euler with CFG."""
     import teachers
 
+    if trained_method(model_dir).get("causal"):  # a causal student generates chunk by chunk with its KV cache
+        from distill.stream import generator_from_model_dir
+        from eval.windows import causal_sampler
+
+        return causal_sampler(generator_from_model_dir(model_dir, device=device))
     model = teachers.load_spec(str(model_dir)).to(device).eval()
     times = trained_method(model_dir).get("timesteps")
     return teacher_sampler(model, teacher_steps, guidance) if times is None else student_sampler(model, times)

@@ -99,3 +99,9 @@ def test_window_eval_writes_causal_rows(tmp_path):
     causal_rows = rows[2:]
     assert causal_rows[1]["frames"] == [8, 12] and causal_rows[0]["video_frames"] == 12
     assert all(r["fps"] > 0 and r["first_chunk_latency_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in causal_rows)
+    from eval.evaluate import load_sampler  # model directories of causal students sample chunk by chunk
+
+    noise = torch.randn(1, 3, 6, 16, 16)
+    with torch.no_grad():
+        video = load_sampler(causal, torch.device("cpu"), 1.0)(Conditioning(torch.randn(1, 5, 384)), noise)
+    assert video.shape == noise.shape
