@@ -18,8 +18,8 @@ sees keys at the same relative offsets it saw in training (at most ``cache_frame
 sink frames keep positions ``0 .. s-1`` just before the rest of the window: the cache-relative positions of
 StreamingLLM (Xiao et al. 2024), which keeps all RoPE angles in the trained range however long the video
 runs. Absolute positions would instead push query/sink distances past anything seen in training and past
-the RoPE table (``rope_max_seq_len``). The cost is re-applying RoPE to the cached keys at each call, an
-elementwise pass that is small next to attention over them.
+the RoPE table (``rope_max_seq_len``). The cost is re-rotating the cached keys once per chunk after an
+eviction (:class:`KVCache` keeps them pre-RoPE and rotated), an elementwise pass small next to attention.
 """
 
 from __future__ import annotations
@@ -76,13 +76,15 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, tokens_per_fra
 
 
 class KVCache:
-    """Static per-layer key/value buffers (pre-RoPE keys, cache order) for a window of ``capacity`` context
-    frames plus the chunk being written.
+    """Static per-layer key/value buffers (cache order) for a window of ``capacity`` context frames plus the chunk
+    being generated.
 
     ``frames`` counts the valid frames. Before each chunk the oldest frames after the ``sinks`` first ones are
     evicted until at most ``capacity`` remain (a rolling window), so every chunk attends to at most ``capacity``
-    earlier frames. The buffers are allocated once: memory stays flat however many chunks are streamed.
-    Host-side bookkeeping is Python ints only, so nothing waits on the device.
+    earlier frames. Keys are kept twice: before RoPE (``k``, the source of truth) and rotated at their current
+    window positions (``k_rot``, what attention reads). Positions change only when frames are evicted, so the
+    window is re-rotated once per chunk after an eviction, not at every step. The buffers are allocated once:
+    memory stays flat however many chunks are streamed. Bookkeeping is Python ints: nothing waits on the device.
     """
 
     def __init__(self, layers: int, batch: int, tokens_per_frame: int, capacity: int, chunk_frames: int,
@@ -91,20 +93,21 @@ class KVCache:
             raise ValueError(f"a KV cache window of {capacity} frames must hold its {sinks} sink frames and at least "
                              f"one chunk of {chunk_frames} recent frames")
         shape = (layers, batch, (capacity + chunk_frames) * tokens_per_frame, heads, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.k_rot, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(3))
         self.capacity, self.chunk_frames, self.sinks, self.tokens_per_frame = capacity, chunk_frames, sinks, tokens_per_frame
         self.frames = 0  # valid frames in the buffers
         self.seen = 0  # frames ever written
+        self.rotated = [0] * layers  # per layer: leading frames whose k_rot matches their current positions
 
     def reset(self) -> None:
         self.frames = self.seen = 0
+        self.rotated = [0] * len(self.rotated)
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return sum(b.numel() * b.element_size() for b in (self.k, self.k_rot, self.v))
 
     def window(self, layer: int, extra_tokens: int) -> tuple[Tensor, Tensor]:
-        """Views of the valid keys and values of ``layer`` and the next ``extra_tokens`` slots."""
+        """Views of the valid (pre-RoPE) keys and values of ``layer`` and the next ``extra_tokens`` slots."""
         n = self.frames * self.tokens_per_frame + extra_tokens
         return self.k[layer, :, :n], self.v[layer, :, :n]
 
@@ -118,6 +121,7 @@ class KVCache:
         for buffer in (self.k, self.v):
             buffer[:, :, start:end - evict * L] = buffer[:, :, keep_from:end].clone()
         self.frames -= evict
+        self.rotated = [min(r, self.sinks) for r in self.rotated]  # the moved frames have new positions
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Put a chunk's keys/values in the slots after the valid frames (counted only after :meth:`commit`)."""
@@ -125,7 +129,20 @@ class KVCache:
         self.k[layer, :, start:start + k.shape[1]] = k
         self.v[layer, :, start:start + v.shape[1]] = v
 
+    def attend(self, layer: int, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference: write a chunk's keys/values after the valid frames and return the rotated keys and the values
+        of the window and the chunk (positions ``0 .. n + s - 1``), rotating only what is not rotated yet."""
+        L, n, s = self.tokens_per_frame, self.frames * self.tokens_per_frame, k.shape[1]
+        self.write(layer, k, v)
+        done = self.rotated[layer] * L
+        if done < n:
+            self.k_rot[layer, :, done:n] = rotate(self.k[layer, :, done:n], cos[:, done:n], sin[:, done:n])
+            self.rotated[layer] = self.frames
+        self.k_rot[layer, :, n:n + s] = rotate(k, cos[:, n:n + s], sin[:, n:n + s])
+        return self.k_rot[layer, :, :n + s], self.v[layer, :, :n + s]
+
     def commit(self, frames: int) -> None:
+        self.rotated = [r + frames if r == self.frames else r for r in self.rotated]  # written at their positions
         self.frames += frames
         self.seen += frames
 
@@ -166,18 +183,17 @@ class ChunkCausalProcessor:
                 mask = block_causal_mask(state.frames, state.tokens_per_frame, self.chunk_frames, q.device)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            cache, s = state.cache, key.shape[1]
+            cache, s, (cos, sin) = state.cache, key.shape[1], state.rope
             if torch.is_grad_enabled():  # self-forcing training: keep the static buffers out of the autograd graph
                 cached_k, cached_v = cache.window(self.layer, 0)
-                keys, values = torch.cat([cached_k, key], dim=1), torch.cat([cached_v, value], dim=1)
+                n = cached_k.shape[1]
+                keys = rotate(torch.cat([cached_k, key], dim=1), cos[:, :n + s], sin[:, :n + s])
+                values = torch.cat([cached_v, value], dim=1)
                 if state.write:
                     cache.write(self.layer, key.detach(), value.detach())
-            else:  # the chunk goes in the slot after the valid frames; only a write pass commits it
-                cache.write(self.layer, key, value)
-                keys, values = cache.window(self.layer, s)
-            n = keys.shape[1] - s
-            cos, sin = state.rope
-            keys = rotate(keys, cos[:, :n + s], sin[:, :n + s])
+            else:  # the chunk goes in the slots after the valid frames; only a write pass commits it
+                keys, values = cache.attend(self.layer, key, value, cos, sin)
+                n = keys.shape[1] - s
             query = rotate(query, cos[:, n:n + s], sin[:, n:n + s])
             out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)

@@ -52,36 +52,37 @@ def test_streaming_equals_masked_whole_clip(causal):
     torch.testing.assert_close(streamed, masked, atol=1e-5, rtol=1e-5)
 
 
-def test_rolled_window_sees_training_positions():
-    """After the window rolls, a chunk sees the cached frames at cache-relative RoPE positions 0..n-1, as the
-    masked model sees a clip that starts with them. One layer, so that cached keys/values depend only on their
-    own frames (deeper layers' cached entries keep the context they were written with, by design)."""
+@pytest.mark.parametrize("sinks, window", [(0, [2, 3, 4, 5]), (2, [0, 1, 4, 5])])
+def test_rolled_window_sees_training_positions(sinks, window):
+    """After the window rolls, a chunk sees the cached frames (sinks first) at cache-relative RoPE positions
+    0..n-1, as the masked model sees a clip made of them. One layer, so that cached keys/values depend only on
+    their own frames (deeper layers' cached entries keep the context they were written with, by design)."""
     from teachers.wan import WAN_PRESETS
 
     one_layer = CausalWanDenoiser.from_bidirectional(
         WanDenoiser.from_config(dict(WAN_PRESETS["tiny-random"], num_layers=1)), chunk_frames=2).eval()
     noise, cond = torch.randn(1, 3, 8, 16, 16, generator=torch.Generator().manual_seed(3)), _cond(1)
     with torch.no_grad():
-        cache = one_layer.new_cache(1, 16, 16, capacity=4)
+        cache = one_layer.new_cache(1, 16, 16, capacity=4, sinks=sinks)
         streamed = stream_sample(one_layer, noise, cond, [0.5], cache=cache)  # one step: no re-noising draws
         assert cache.frames == 6 and cache.seen == 8
-        clip = torch.cat([streamed[:, :, 2:6], noise[:, :, 6:]], 2)  # the window before the last chunk, then it
+        clip = torch.cat([streamed[:, :, window], noise[:, :, 6:]], 2)  # the window before the last chunk, then it
         reference = one_layer.denoise(clip, torch.tensor([[0.0, 0, 0, 0, 0.5, 0.5]]), cond)[:, :, 4:]
         absolute = one_layer.denoise(torch.cat([streamed[:, :, :6], noise[:, :, 6:]], 2),
                                      torch.tensor([[0.0] * 6 + [0.5] * 2]), cond)[:, :, 6:]
     torch.testing.assert_close(streamed[:, :, 6:], reference, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(streamed[:, :, 6:], absolute, atol=1e-3)  # the evicted chunk is gone
+    assert not torch.allclose(streamed[:, :, 6:], absolute, atol=1e-3)  # the evicted frames are gone
 
 
 def test_rolling_window_memory_is_flat(causal):
     """Ten times a 4-frame training length with a 2-frame sink: the cache buffers never grow or move."""
     cache = causal.new_cache(1, 16, 16, capacity=4, sinks=2)
-    pointers, size = (cache.k.data_ptr(), cache.v.data_ptr()), cache.nbytes()
+    pointers, size = [b.data_ptr() for b in (cache.k, cache.k_rot, cache.v)], cache.nbytes()
     noise, cond = torch.randn(1, 3, 40, 16, 16), _cond(1)
     with torch.no_grad():
         video = stream_sample(causal, noise, cond, TIMES[:2], cache=cache)
     assert torch.isfinite(video).all() and cache.seen == 40 and cache.frames == 6
-    assert (cache.k.data_ptr(), cache.v.data_ptr()) == pointers and cache.nbytes() == size
+    assert [b.data_ptr() for b in (cache.k, cache.k_rot, cache.v)] == pointers and cache.nbytes() == size
 
 
 def _trained_dir(tmp_path, dtype=torch.float32):
