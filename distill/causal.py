@@ -24,6 +24,8 @@ eviction (:class:`KVCache` keeps them pre-RoPE and rotated), an elementwise pass
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from distill.conditioning import Conditioning
 from distill.schedule import Schedule
+from distill.students import _noise_like, make_student
 from teachers.wan import WanDenoiser
 
 
@@ -50,29 +53,33 @@ def chunk_ids(frames: int, tokens_per_frame: int, chunk_frames: int, device: tor
         tokens_per_frame)
 
 
+@functools.lru_cache(maxsize=16)
 def block_causal_mask(frames: int, tokens_per_frame: int, chunk_frames: int, device=None) -> Tensor:
-    """Boolean ``[S, S]`` (True = attend): a query's chunk is at or after the key's chunk."""
+    """Boolean ``[S, S]`` (True = attend): a query's chunk is at or after the key's chunk. Cached per layout, as
+    every layer of a forward asks for the same one."""
     ids = chunk_ids(frames, tokens_per_frame, chunk_frames, device)
     return ids[:, None] >= ids[None, :]
 
 
-_FLEX_CACHE: dict = {}
+@functools.lru_cache(maxsize=16)
+def _flex_block_mask(frames: int, tokens_per_frame: int, chunk_frames: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ids = chunk_ids(frames, tokens_per_frame, chunk_frames, device)
+    return create_block_mask(lambda b, h, q, k: ids[q] >= ids[k], B=None, H=None, Q_LEN=ids.numel(),
+                             KV_LEN=ids.numel(), device=device)
+
+
+@functools.cache
+def _flex_kernel():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, tokens_per_frame: int, chunk_frames: int) -> Tensor:
-    """Block-causal FlexAttention (``[B, H, S, D]``); the block mask and the compiled kernel are built once per
-    layout."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    key = (frames, tokens_per_frame, chunk_frames, q.device)
-    if key not in _FLEX_CACHE:
-        ids = chunk_ids(frames, tokens_per_frame, chunk_frames, q.device)
-        mask = create_block_mask(lambda b, h, qi, ki: ids[qi] >= ids[ki], B=None, H=None, Q_LEN=ids.numel(),
-                                 KV_LEN=ids.numel(), device=q.device)
-        _FLEX_CACHE[key] = mask
-    if "kernel" not in _FLEX_CACHE:
-        _FLEX_CACHE["kernel"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX_CACHE["kernel"](q, k, v, block_mask=_FLEX_CACHE[key])
+    """Block-causal FlexAttention on ``[B, H, S, D]``; the block mask is built once per layout."""
+    return _flex_kernel()(q, k, v, block_mask=_flex_block_mask(frames, tokens_per_frame, chunk_frames, q.device))
 
 
 class KVCache:
@@ -98,6 +105,7 @@ class KVCache:
         self.frames = 0  # valid frames in the buffers
         self.seen = 0  # frames ever written
         self.rotated = [0] * layers  # per layer: leading frames whose k_rot matches their current positions
+        self.rope: tuple | None = None  # ((height, width), (cos, sin)) for window positions, set by the model
 
     def reset(self) -> None:
         self.frames = self.seen = 0
@@ -252,8 +260,7 @@ class CausalWanDenoiser(WanDenoiser):
     def _window_rope(self, cache: KVCache, x: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE tables for window positions ``0 .. capacity + chunk - 1`` at this frame size (built once per cache)."""
         key = (x.shape[3], x.shape[4])
-        tables = getattr(cache, "rope", None)
-        if tables is None or tables[0] != key:
+        if cache.rope is None or cache.rope[0] != key:
             frames = cache.capacity + self.chunk_frames
             probe = x.new_empty((1, 0, frames, x.shape[3], x.shape[4]))  # the RoPE module reads only the shape
             cache.rope = (key, tuple(t.to(x.device) for t in self.transformer.rope(probe)))
@@ -269,12 +276,7 @@ class CausalWanDenoiser(WanDenoiser):
                        self.chunk_frames, heads, head_dim, sinks, device or param.device, dtype or param.dtype)
 
 
-def _noise(shape, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device).to(like.device, like.dtype)
-
-
-def denoise_chunk(step: "callable", noise: Tensor, times: list[float], schedule: Schedule,
+def denoise_chunk(step: Callable[[Tensor, float], Tensor], noise: Tensor, times: list[float], schedule: Schedule,
                   generator: torch.Generator | None = None, grad_step: int | None = None) -> Tensor:
     """A few-step student's sampler on one chunk: ``step(x, t) -> x0`` at each time, re-noised with fresh noise
     to the next. With ``grad_step = k`` the chain stops at step ``k`` and only that call records gradients
@@ -284,7 +286,7 @@ def denoise_chunk(step: "callable", noise: Tensor, times: list[float], schedule:
         with torch.set_grad_enabled(grad_step == k and torch.is_grad_enabled()):
             x0 = step(x, times[k])
         if k < last:
-            x = schedule.add_noise(x0.detach(), _noise(x0.shape, generator, x0), times[k + 1])
+            x = schedule.add_noise(x0.detach(), _noise_like(x0, generator), times[k + 1])
     return x0
 
 
@@ -350,7 +352,7 @@ def forcing_rollout(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning,
             t = table[frame_steps.clamp(max=k)]
             x0 = model.denoise(x, t, cond)
             advance = (frame_steps > k)[:, None, :, None, None]
-            x = torch.where(advance, model.schedule.add_noise(x0, _noise(x0.shape, generator, x0),
+            x = torch.where(advance, model.schedule.add_noise(x0, _noise_like(x0, generator),
                                                               table[k + 1]), x)
     return x, table[frame_steps]
 
@@ -365,8 +367,6 @@ def chunk_steps(batch: int, frames: int, chunk_frames: int, steps: int, generato
 def make_causal_student(model: WanDenoiser, chunk_frames: int, init: str = "") -> CausalWanDenoiser:
     """A trainable causal copy of a (bidirectional) Wan teacher, with the weights of the trained model directory
     ``init`` when given (CausVid starts causal DMD from the ODE-regression student)."""
-    from distill.students import make_student
-
     if not isinstance(model, WanDenoiser):
         raise ValueError(f"causal students need a Wan teacher (diffusers WanTransformer3DModel), got "
                          f"{type(model).__name__}")

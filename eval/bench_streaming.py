@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = torch.randn(1, args.text_tokens, text_dim, device=device, dtype=dtype)
     cond = Conditioning(text)
     name = device_name(device)
-    common = {"model_size": Path(args.preset).stem, "resolution": f"{args.width * 8}x{args.height * 8}",
+    model_size = Path(args.preset).stem if args.preset.endswith(".json") else args.preset
+    common = {"model_size": model_size, "resolution": f"{args.width * 8}x{args.height * 8}",
               "latent": [channels, args.height, args.width], "chunk_frames": args.chunk_frames, "steps": args.steps,
               "forwards_per_chunk": args.steps + 1, "cache_frames": args.cache_frames, "dtype": args.dtype,
               "chunks": args.chunks}
