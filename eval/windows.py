@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"model": name, "method": method["method"], "mode": method["causal"]["mode"], **row})
             print(f"{name:14s} window {row['window']}  accuracy={row['accuracy']:.3f}  "
                   f"fvd_probe={row['fvd_probe']:.3f}  first_chunk={row['first_chunk_latency_s']:.4f}s  "
-                  f"fps={row['fps']:.0f}")
+                  f"fps={row['fps']:.1f}")
     notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed); FVD-probe of each {args.frames}-frame "
              f"window against {args.num} unseen real {args.frames}-frame clips; window k = frames "
              f"[{args.frames}k, {args.frames}(k+1)) of one long video per prompt, streamed with the KV window of the "
