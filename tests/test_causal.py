@@ -182,3 +182,20 @@ def test_gpu_flex_training_and_bf16_streaming():
         masked = masked_sample(bf16, noise, cond.index(slice(0, 1)), TIMES,
                                generator=torch.Generator("cuda").manual_seed(0))
     assert (streamed - masked).abs().mean() < 2e-2 and (streamed - masked).abs().max() < 0.25
+
+
+def test_wan_vae_decodes_chunk_by_chunk_as_the_whole_clip():
+    from diffusers import AutoencoderKLWan
+
+    from distill.stream import WanVAEDecoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, num_res_blocks=1).eval()
+    decoder = WanVAEDecoder(vae)
+    latents = torch.randn(1, 16, 6, 4, 4)
+    with torch.no_grad():
+        whole = vae.decode(latents * decoder.std + decoder.mean).sample
+        decoder.reset()
+        streamed = torch.cat([decoder(latents[:, :, :3]), decoder(latents[:, :, 3:])], dim=2)
+    assert streamed.shape == whole.shape == (1, 3, 1 + 4 * 5, 32, 32)
+    torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=1e-5)
