@@ -186,7 +186,13 @@ def _eval(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from distill.export import export_diffusers, export_lora
 
-    out = (export_lora if args.format == "lora" else export_diffusers)(args.model, args.out)
+    if args.format == "streaming":
+        from distill.stream import export_streaming
+
+        decoder = {"kind": "wan_vae", "path": args.vae} if args.vae else None
+        out = export_streaming(args.model, args.out, args.cache_frames, args.sink_frames, args.dtype, decoder)
+    else:
+        out = (export_lora if args.format == "lora" else export_diffusers)(args.model, args.out)
     print(f"exported {args.model} as {args.format} to {out}")
 
 
@@ -236,6 +242,33 @@ def _demo(args: argparse.Namespace) -> None:
               f"{r['sec_per_video']:10.4f} {base / r['sec_per_video']:8.1f}x")
     print(f"student exported to {student_dir}; grid (rows: teacher, naive, student) in "
           f"{Path(args.out) / 'teacher_naive_student.gif'}")
+
+
+def _ode_pairs(args: argparse.Namespace) -> None:
+    """Teacher ODE trajectories at a student's step times, as shards (regression initialisation)."""
+    import torch
+
+    import teachers
+    from distill.ode_pairs import write_ode_pairs
+    from distill.text import TextEncoder
+
+    dev = _device(args.device)
+    teacher = teachers.load_spec(args.teacher, args.family).to(dev).eval()
+    out = write_ode_pairs(teacher, TextEncoder.from_pretrained(device=dev), args.out, args.num,
+                          (teacher.latent_channels, args.frames, args.height, args.width), args.guidance,
+                          args.teacher_steps, args.student_steps, args.batch_size, args.seed,
+                          shard_size=args.shard_size, dtype=getattr(torch, args.dtype))
+    print(f"wrote {args.num} ODE pairs to {out}")
+
+
+def _stream(args: argparse.Namespace) -> None:
+    """Stream a video from a streaming generator into a file as it is generated."""
+    from distill.stream import StreamingGenerator, write_stream
+
+    generator = StreamingGenerator.from_pretrained(args.generator, _device(args.device))
+    stats = write_stream(generator, args.prompt, args.seconds, args.out, args.seed, args.fps)
+    print(f"wrote {stats['frames']} frames to {args.out}: first chunk after {stats['first_chunk_latency_s']:.3f} s, "
+          f"{stats['fps']:.1f} frames/s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,11 +324,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export a trained model directory (diffusers)")
     export.add_argument("--model", required=True, help="a trained model directory (<output.dir>/model)")
-    export.add_argument("--format", choices=["diffusers", "lora"], default="diffusers",
+    export.add_argument("--format", choices=["diffusers", "lora", "streaming"], default="diffusers",
                         help="diffusers: a pipeline directory (a LoRA run's student fused into its base); "
-                             "lora: a LoRA run's adapter file for the teacher pipeline's load_lora_weights")
+                             "lora: a LoRA run's adapter file for the teacher pipeline's load_lora_weights; "
+                             "streaming: a causal student as a StreamingGenerator directory")
     export.add_argument("--out", required=True)
+    export.add_argument("--cache-frames", type=int, default=0, help="streaming: KV window (default: the job's)")
+    export.add_argument("--sink-frames", type=int, default=None, help="streaming: frames never evicted")
+    export.add_argument("--dtype", default="", help="streaming: weights dtype (default: the model's)")
+    export.add_argument("--vae", default="", help="streaming: a local AutoencoderKLWan directory to decode with")
     export.set_defaults(func=_export)
+
+    ode = commands.add_parser("ode-pairs", help="write teacher ODE trajectories at a student's step times")
+    ode.add_argument("--teacher", default="tiny", help="'tiny' (shipped), a preset, config or directory")
+    ode.add_argument("--family", default="wan")
+    ode.add_argument("--out", required=True, help="output shard directory")
+    ode.add_argument("--num", type=int, required=True, help="number of trajectories")
+    ode.add_argument("--student-steps", type=int, default=4)
+    ode.add_argument("--teacher-steps", type=int, default=48, help="a multiple of --student-steps")
+    ode.add_argument("--guidance", type=float, default=4.0)
+    ode.add_argument("--frames", type=int, default=16)
+    ode.add_argument("--height", type=int, default=32)
+    ode.add_argument("--width", type=int, default=32)
+    ode.add_argument("--batch-size", type=int, default=64)
+    ode.add_argument("--seed", type=int, default=0)
+    ode.add_argument("--shard-size", type=int, default=1000)
+    ode.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float32")
+    ode.add_argument("--device", default="auto")
+    ode.set_defaults(func=_ode_pairs)
+
+    stream = commands.add_parser("stream", help="stream a video from a streaming generator into a file")
+    stream.add_argument("--generator", required=True, help="a streaming generator directory (export --format streaming)")
+    stream.add_argument("--prompt", required=True, action="append",
+                        help="the prompt; repeat to change it between chunks (the last one holds)")
+    stream.add_argument("--seconds", type=float, required=True)
+    stream.add_argument("--out", required=True, help="output .mp4 (fragmented: playable while it grows), .gif or .npy")
+    stream.add_argument("--seed", type=int, default=0)
+    stream.add_argument("--fps", type=float, default=0, help="playback frame rate (default: the generator's)")
+    stream.add_argument("--device", default="auto")
+    stream.set_defaults(func=_stream)
 
     evaluate = commands.add_parser(
         "eval", help="probe metrics of samplers (default), or `eval fvd`: FVD against real clips")

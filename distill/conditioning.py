@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -67,13 +67,15 @@ class Conditioning:
 @dataclass
 class Batch:
     """One micro-batch: clean latents ``[B, C, T, H, W]`` (None for prompt-only data), conditions, the
-    captions/labels they came from (for logging and evaluation), and the latent shape to generate."""
+    captions/labels they came from (for logging and evaluation), and the latent shape to generate.
+    ``extra`` holds per-sample tensors of other data kinds (ODE pairs: ``noise``, ``trajectory``)."""
 
     latents: Tensor | None
     cond: Conditioning
     captions: list[str]
     labels: list[dict]
     shape: tuple[int, ...] = ()
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.shape:

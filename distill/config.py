@@ -87,6 +87,21 @@ class MethodConfig:
 
 
 @dataclass
+class StudentConfig:
+    """A causal student (CausVid/Self-Forcing): chunk-causal attention over chunks of ``chunk_frames`` latent
+    frames, trained by ``mode`` (DMD) and streamed with a KV window of ``cache_frames`` (0: the training length
+    minus one chunk) whose first ``sink_frames`` frames are never evicted. ``init``: a trained model directory
+    to start the causal student from (e.g. the ODE-regression run before causal DMD) instead of the teacher."""
+
+    causal: bool = False
+    chunk_frames: int = 4
+    mode: str = "diffusion_forcing"  # or "self_forcing"
+    cache_frames: int = 0
+    sink_frames: int = 0
+    init: str = ""
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     critic_lr: float = 0.0  # 0: same as lr
@@ -148,6 +163,7 @@ class JobConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -159,7 +175,7 @@ class JobConfig:
 _CHOICES = {
     "schedule.kind": ("flow", "vp"),
     "schedule.time_distribution": ("logit_normal", "uniform"),
-    "data.kind": ("synthetic", "shards"),
+    "data.kind": ("synthetic", "shards", "ode_pairs"),
     "data.on_error": ("warn", "raise"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "output.dtype": ("float32", "bfloat16", "float16"),
@@ -170,6 +186,7 @@ _CHOICES = {
     "method.consistency.lpips_net": ("alex", "vgg", "squeeze"),
     "method.adversarial.backbone": ("teacher", "critic"),
     "method.adversarial.loss": ("hinge", "non_saturating"),
+    "student.mode": ("diffusion_forcing", "self_forcing"),
 }
 _POSITIVE = ("data.channels", "data.frames", "data.height", "data.width", "data.batch_size", "data.num_samples", "train.steps",
              "train.grad_accum", "train.checkpoint_every", "train.keep_last", "method.critic_steps", "method.student_steps", "logging.every",
@@ -245,9 +262,10 @@ def validate(job: JobConfig, where: str = "job") -> JobConfig:
         raise ConfigError(f"{where}: deepspeed.zero_stage must be 0, 1, 2 or 3, got {job.deepspeed.zero_stage}")
     if job.deepspeed.offload and job.deepspeed.zero_stage == 0:
         raise ConfigError(f"{where}: deepspeed.offload needs deepspeed.zero_stage >= 1")
-    if job.data.kind == "shards" and not job.data.path:
-        raise ConfigError(f"{where}: data.kind = 'shards' needs data.path (a shard directory)")
+    if job.data.kind in ("shards", "ode_pairs") and not job.data.path:
+        raise ConfigError(f"{where}: data.kind = {job.data.kind!r} needs data.path (a shard directory)")
     _validate_methods(job.method, where)
+    _validate_student(job, where)
     if len(job.optim.betas) != 2:
         raise ConfigError(f"{where}: optim.betas must have two entries, got {job.optim.betas}")
     _validate_lora(job, where)
@@ -290,6 +308,30 @@ def _validate_methods(method: MethodConfig, where: str) -> None:
     if adv.r1_weight < 0 or adv.r1_sigma <= 0:
         raise ConfigError(f"{where}: method.adversarial needs r1_weight >= 0 and r1_sigma > 0, "
                           f"got {adv.r1_weight}, {adv.r1_sigma}")
+
+
+def _validate_student(job: JobConfig, where: str) -> None:
+    """The ``[student]`` table and the methods and data it combines with."""
+    student = job.student
+    if job.method.name == "regression" and job.data.kind != "ode_pairs":
+        raise ConfigError(f"{where}: method.name = 'regression' trains on teacher ODE pairs: set data.kind = "
+                          "'ode_pairs' (shards from `distill ode-pairs`)")
+    if not student.causal:
+        return
+    if job.method.name not in ("dmd", "regression"):
+        raise ConfigError(f"{where}: student.causal = true works with method.name 'dmd' or 'regression', "
+                          f"got {job.method.name!r}")
+    if student.chunk_frames < 1 or job.data.frames % student.chunk_frames:
+        raise ConfigError(f"{where}: student.chunk_frames = {student.chunk_frames} must be >= 1 and divide "
+                          f"data.frames = {job.data.frames}")
+    if student.sink_frames < 0 or student.cache_frames < 0:
+        raise ConfigError(f"{where}: student.cache_frames and student.sink_frames must be >= 0")
+    if student.cache_frames and student.cache_frames < student.sink_frames + student.chunk_frames:
+        raise ConfigError(f"{where}: student.cache_frames = {student.cache_frames} must hold student.sink_frames "
+                          f"+ student.chunk_frames = {student.sink_frames + student.chunk_frames}")
+    if student.mode == "self_forcing" and job.model.gradient_checkpointing:
+        raise ConfigError(f"{where}: student.mode = 'self_forcing' runs the KV cache with gradient, which "
+                          "model.gradient_checkpointing cannot recompute; turn one off")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

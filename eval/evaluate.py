@@ -69,6 +69,11 @@ def load_sampler(model_dir: str | Path, device: torch.device, guidance: float, t
     import teachers
     from distill.lora import is_lora_model, load_student
 
+    if trained_method(model_dir).get("causal"):  # a causal student generates chunk by chunk with its KV cache
+        from distill.stream import generator_from_model_dir
+        from eval.windows import causal_sampler
+
+        return causal_sampler(generator_from_model_dir(model_dir, device=device))
     model = load_student(model_dir) if is_lora_model(model_dir) else teachers.load_spec(str(model_dir))
     model = model.to(device).eval()
     trained = trained_method(model_dir)

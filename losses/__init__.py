@@ -10,7 +10,7 @@ from __future__ import annotations
 from distill.config import JobConfig
 from losses.base import Method
 
-NAMES = ("cd", "dmd", "flow", "gan")
+NAMES = ("cd", "dmd", "flow", "gan", "regression")
 
 
 def _base(job: JobConfig, weights: dict[str, float]):
@@ -21,10 +21,17 @@ def _base(job: JobConfig, weights: dict[str, float]):
     schedule = make_schedule(job.schedule.kind, shift=job.schedule.shift)
     times = schedule.timesteps(method.student_steps)[:-1].tolist()
     if name == "dmd":
+        from losses.causal_dmd import CausalDMDMethod
         from losses.dmd import DMDMethod
 
-        return DMDMethod(times=times, guidance=method.guidance, t_min=method.t_min, t_max=method.t_max,
-                         time_distribution=job.schedule.time_distribution, weights=weights or {"dmd": 1.0})
+        causal = {"student": job.student, "data": job.data} if job.student.causal else {}
+        return (CausalDMDMethod if causal else DMDMethod)(
+            times=times, guidance=method.guidance, t_min=method.t_min, t_max=method.t_max,
+            time_distribution=job.schedule.time_distribution, weights=weights or {"dmd": 1.0}, **causal)
+    if name == "regression":
+        from losses.regression import RegressionMethod
+
+        return RegressionMethod(times=times, student=job.student, data=job.data)
     if name == "cd":
         from losses.consistency import ConsistencyMethod
         from losses.perceptual import load_lpips

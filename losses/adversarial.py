@@ -48,10 +48,8 @@ def real_clips(batch: Batch) -> Tensor:
     return batch.latents
 
 
-def rollout_pair(student: Denoiser, batch: Batch, times: list[float],
-                 generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """Real clips and the student's backward-simulated samples (no gradient), both clean (level 0)."""
-    fake = student_sample(student, batch, times, generator, grad=False)
+def clean_pair(batch: Batch, fake: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Real clips of the batch and the student's samples (no gradient), both clean (level 0)."""
     return real_clips(batch), fake, torch.zeros(fake.shape[0], device=fake.device)
 
 
@@ -207,7 +205,7 @@ class RolloutGenerator:
         return x0.new_zeros(()), {}, x0, torch.zeros(x0.shape[0], device=x0.device)
 
     def real_and_fake(self, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        return rollout_pair(nets["generator"], batch, self.times, generator)
+        return clean_pair(batch, student_sample(nets["generator"], batch, self.times, generator, grad=False))
 
     def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]:
         raise ValueError(f"a pure GAN generator has no loss of its own for role {role!r}: wrap it in WithGAN")

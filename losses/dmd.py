@@ -18,7 +18,7 @@ from torch import Tensor
 
 from distill.conditioning import Batch
 from distill.students import make_student
-from losses.adversarial import rollout_pair
+from losses.adversarial import clean_pair
 from losses.base import Logs, Networks
 from losses.common import randn_like, student_sample, uniform
 from losses.flow_matching import denoising_loss
@@ -68,11 +68,15 @@ class DMDMethod:
     def describe(self) -> dict:
         return {"method": "dmd", "timesteps": self.times, "guidance": self.guidance}
 
+    def sample(self, student: Denoiser, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
+        """The student's backward-simulated sample ``x0`` (a causal student overrides how it is made)."""
+        return student_sample(student, batch, self.times, generator, grad)
+
     def generator_loss(self, nets: Networks, batch: Batch,
                        generator: torch.Generator) -> tuple[Tensor, Logs, Tensor, Tensor]:
         """The generator's loss, its logs, and the sample it was computed on (with gradient) at level 0."""
         student, critic, teacher = nets["generator"], nets["critic"], nets["teacher"]
-        x0 = student_sample(student, batch, self.times, generator, grad=True)
+        x0 = self.sample(student, batch, generator, grad=True)
         t = uniform(x0.shape[0], self.t_min, self.t_max, generator, x0.device)
         x_t = teacher.schedule.add_noise(x0.detach(), randn_like(x0, generator), t)
         with torch.no_grad():
@@ -84,11 +88,11 @@ class DMDMethod:
 
     def real_and_fake(self, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """Clips of the batch and student samples (no gradient), both at level 0, for a discriminator."""
-        return rollout_pair(nets["generator"], batch, self.times, generator)
+        return clean_pair(batch, self.sample(nets["generator"], batch, generator, grad=False))
 
     def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]:
         if role == "critic":
-            x0 = student_sample(nets["generator"], batch, self.times, generator, grad=False)
+            x0 = self.sample(nets["generator"], batch, generator, grad=False)
             schedule = nets["teacher"].schedule
             t = schedule.sample_training_time((x0.shape[0],), generator, generator.device, self.time_distribution)
             loss = denoising_loss(nets["critic"], x0, batch.cond, t.to(x0.device), randn_like(x0, generator))

@@ -20,7 +20,7 @@ from distill.text import TextEncoder
 class BatchSource:
     """``get(n)`` returns the ``n``-th micro-batch of this rank.
 
-    Synthetic data is drawn statelessly from ``(seed, rank, n)``. Shards are streamed in a fixed,
+    Synthetic data is drawn statelessly from ``(seed, rank, n)``. Shards (and ODE-pair shards) are streamed in a fixed,
     seeded order; asking for an index other than the next one replays the stream up to it (only
     resumption does this).
     """
@@ -62,7 +62,7 @@ class BatchSource:
         """``negative.safetensors`` (``text_emb`` ``[1, L, D]``, ``text_mask`` ``[1, L]``) beside shards whose
         embeddings come from a text encoder this process does not load (e.g. Wan's umT5)."""
         path = Path(self.data.path) / "negative.safetensors"
-        if self.data.kind != "shards" or not path.is_file():
+        if self.data.kind not in ("shards", "ode_pairs") or not path.is_file():
             return None
         tensors = load_file(str(path))
         return tensors["text_emb"].float(), tensors["text_mask"].bool()
@@ -101,7 +101,17 @@ class BatchSource:
         else:  # prompt-only data: the job says what to generate
             d = self.data
             latents, shape = None, (len(captions), d.channels, d.frames, d.height, d.width)
-        return Batch(latents, self._conditioning(text, mask), captions, samples["labels"], shape)
+        return Batch(latents, self._conditioning(text, mask), captions, samples["labels"], shape, self._ode_pairs(samples))
+
+    def _ode_pairs(self, samples: dict) -> dict[str, torch.Tensor]:
+        """``noise`` and ``trajectory`` of teacher ODE-pair shards (``distill ode-pairs``)."""
+        if self.data.kind != "ode_pairs":
+            return {}
+        missing = [k for k in ("noise", "trajectory", "latents") if k not in samples]
+        if missing:
+            raise ValueError(f"{self.data.path}: data.kind = 'ode_pairs' but the samples have no {missing} "
+                             "(write them with `distill ode-pairs`)")
+        return {k: samples[k].float().to(self.device) for k in ("noise", "trajectory")}
 
     def get(self, n: int) -> Batch:
         return self._synthetic(n) if self.data.kind == "synthetic" else self._shard(n)

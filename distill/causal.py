@@ -1,0 +1,385 @@
+"""Chunk-causal Wan students: block-masked training over whole clips, KV-cached streaming at inference.
+
+A causal student (CausVid, Yin et al. 2025; Self-Forcing, Huang et al. 2025) splits the latent frames into
+chunks of ``chunk_frames``; every token of a chunk attends to its own chunk and to all earlier chunks. The same
+weights run two ways, chosen per call by :class:`CausalWanDenoiser`:
+
+- **mask mode** (no cache): the whole clip in one forward with a block-causal mask (FlexAttention on CUDA,
+  masked SDPA elsewhere). Per-chunk times ``[B, T]`` give diffusion forcing.
+- **cache mode**: one chunk per forward. Each layer's self-attention reads the keys/values of earlier chunks
+  from a :class:`KVCache`; after a chunk is denoised, its clean ``x0`` is run once more at ``t = 0`` with
+  ``write=True`` to put its keys/values in the cache (as both papers do).
+
+Positions (Wan's 3-D RoPE). Keys are cached *before* RoPE, and RoPE is applied at attention time with
+positions inside the cache window: cached frames sit at ``0 .. n-1`` in cache order and the current chunk at
+``n .. n+c-1``. Until the window is full these are the absolute frame positions, so streaming equals the
+whole-clip masked forward exactly. Once it rolls (the oldest non-sink frames are evicted), every query still
+sees keys at the same relative offsets it saw in training (at most ``cache_frames + chunk_frames - 1``), and
+sink frames keep positions ``0 .. s-1`` just before the rest of the window: the cache-relative positions of
+StreamingLLM (Xiao et al. 2024), which keeps all RoPE angles in the trained range however long the video
+runs. Absolute positions would instead push query/sink distances past anything seen in training and past
+the RoPE table (``rope_max_seq_len``). The cost is re-rotating the cached keys once per chunk after an
+eviction (:class:`KVCache` keeps them pre-RoPE and rotated), an elementwise pass small next to attention.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+from torch import Tensor
+
+from distill.conditioning import Conditioning
+from distill.schedule import Schedule
+from distill.students import _noise_like, make_student
+from teachers.wan import WanDenoiser
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Wan's rotary embedding on ``[B, S, H, D]`` with interleaved pairs (tables ``[1, S, 1, D]``), as in
+    diffusers' ``WanAttnProcessor``."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def chunk_ids(frames: int, tokens_per_frame: int, chunk_frames: int, device: torch.device | None = None) -> Tensor:
+    """The chunk index of every token of a ``frames``-frame clip (frame-major token order)."""
+    return torch.arange(frames, device=device).div(chunk_frames, rounding_mode="floor").repeat_interleave(
+        tokens_per_frame)
+
+
+@functools.lru_cache(maxsize=16)
+def block_causal_mask(frames: int, tokens_per_frame: int, chunk_frames: int, device=None) -> Tensor:
+    """Boolean ``[S, S]`` (True = attend): a query's chunk is at or after the key's chunk. Cached per layout, as
+    every layer of a forward asks for the same one."""
+    ids = chunk_ids(frames, tokens_per_frame, chunk_frames, device)
+    return ids[:, None] >= ids[None, :]
+
+
+@functools.lru_cache(maxsize=16)
+def _flex_block_mask(frames: int, tokens_per_frame: int, chunk_frames: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ids = chunk_ids(frames, tokens_per_frame, chunk_frames, device)
+    return create_block_mask(lambda b, h, q, k: ids[q] >= ids[k], B=None, H=None, Q_LEN=ids.numel(),
+                             KV_LEN=ids.numel(), device=device)
+
+
+@functools.cache
+def _flex_kernel():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, tokens_per_frame: int, chunk_frames: int) -> Tensor:
+    """Block-causal FlexAttention on ``[B, H, S, D]``; the block mask is built once per layout."""
+    return _flex_kernel()(q, k, v, block_mask=_flex_block_mask(frames, tokens_per_frame, chunk_frames, q.device))
+
+
+class KVCache:
+    """Static per-layer key/value buffers (cache order) for a window of ``capacity`` context frames plus the chunk
+    being generated.
+
+    ``frames`` counts the valid frames. Before each chunk the oldest frames after the ``sinks`` first ones are
+    evicted until at most ``capacity`` remain (a rolling window), so every chunk attends to at most ``capacity``
+    earlier frames. Keys are kept twice: before RoPE (``k``, the source of truth) and rotated at their current
+    window positions (``k_rot``, what attention reads). Positions change only when frames are evicted, so the
+    window is re-rotated once per chunk after an eviction, not at every step. The buffers are allocated once:
+    memory stays flat however many chunks are streamed. Bookkeeping is Python ints: nothing waits on the device.
+    """
+
+    def __init__(self, layers: int, batch: int, tokens_per_frame: int, capacity: int, chunk_frames: int,
+                 heads: int, head_dim: int, sinks: int = 0, device=None, dtype: torch.dtype = torch.float32):
+        if capacity < sinks + chunk_frames:
+            raise ValueError(f"a KV cache window of {capacity} frames must hold its {sinks} sink frames and at least "
+                             f"one chunk of {chunk_frames} recent frames")
+        shape = (layers, batch, (capacity + chunk_frames) * tokens_per_frame, heads, head_dim)
+        self.k, self.k_rot, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(3))
+        self.capacity, self.chunk_frames, self.sinks, self.tokens_per_frame = capacity, chunk_frames, sinks, tokens_per_frame
+        self.frames = 0  # valid frames in the buffers
+        self.seen = 0  # frames ever written
+        self.rotated = [0] * layers  # per layer: leading frames whose k_rot matches their current positions
+        self.rope: tuple | None = None  # ((height, width), (cos, sin)) for window positions, set by the model
+
+    def reset(self) -> None:
+        self.frames = self.seen = 0
+        self.rotated = [0] * len(self.rotated)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (self.k, self.k_rot, self.v))
+
+    def window(self, layer: int, extra_tokens: int) -> tuple[Tensor, Tensor]:
+        """Views of the valid (pre-RoPE) keys and values of ``layer`` and the next ``extra_tokens`` slots."""
+        n = self.frames * self.tokens_per_frame + extra_tokens
+        return self.k[layer, :, :n], self.v[layer, :, :n]
+
+    def make_room(self) -> None:
+        """Evict the oldest non-sink frames beyond the window (all layers at once)."""
+        evict = self.frames - self.capacity
+        if evict <= 0:
+            return
+        L = self.tokens_per_frame
+        start, keep_from, end = self.sinks * L, (self.sinks + evict) * L, self.frames * L
+        for buffer in (self.k, self.v):
+            buffer[:, :, start:end - evict * L] = buffer[:, :, keep_from:end].clone()
+        self.frames -= evict
+        self.rotated = [min(r, self.sinks) for r in self.rotated]  # the moved frames have new positions
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Put a chunk's keys/values in the slots after the valid frames (counted only after :meth:`commit`)."""
+        start = self.frames * self.tokens_per_frame
+        self.k[layer, :, start:start + k.shape[1]] = k
+        self.v[layer, :, start:start + v.shape[1]] = v
+
+    def attend(self, layer: int, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference: write a chunk's keys/values after the valid frames and return the rotated keys and the values
+        of the window and the chunk (positions ``0 .. n + s - 1``), rotating only what is not rotated yet."""
+        L, n, s = self.tokens_per_frame, self.frames * self.tokens_per_frame, k.shape[1]
+        self.write(layer, k, v)
+        done = self.rotated[layer] * L
+        if done < n:
+            self.k_rot[layer, :, done:n] = rotate(self.k[layer, :, done:n], cos[:, done:n], sin[:, done:n])
+            self.rotated[layer] = self.frames
+        self.k_rot[layer, :, n:n + s] = rotate(k, cos[:, n:n + s], sin[:, n:n + s])
+        return self.k_rot[layer, :, :n + s], self.v[layer, :, :n + s]
+
+    def commit(self, frames: int) -> None:
+        self.rotated = [r + frames if r == self.frames else r for r in self.rotated]  # written at their positions
+        self.frames += frames
+        self.seen += frames
+
+
+@dataclass
+class _CallState:
+    """What the processors of one model need to know about the forward in progress."""
+
+    frames: int = 0
+    tokens_per_frame: int = 0
+    cache: KVCache | None = None
+    write: bool = False
+    rope: tuple[Tensor, Tensor] | None = None  # cache mode: tables for window positions 0 .. capacity + chunk
+
+
+class ChunkCausalProcessor:
+    """Self-attention of one Wan block with chunk-causal masking (mask mode) or a KV cache (cache mode)."""
+
+    def __init__(self, state: _CallState, layer: int, chunk_frames: int, backend: str = "auto"):
+        self.state, self.layer, self.chunk_frames, self.backend = state, layer, chunk_frames, backend
+
+    def _use_flex(self, q: Tensor) -> bool:
+        return self.backend == "flex" or (self.backend == "auto" and q.is_cuda)
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        state = self.state
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if state.cache is None:
+            query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+            if self._use_flex(q):
+                out = _flex_attention(q, k, v, state.frames, state.tokens_per_frame, self.chunk_frames)
+            else:
+                mask = block_causal_mask(state.frames, state.tokens_per_frame, self.chunk_frames, q.device)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            cache, s, (cos, sin) = state.cache, key.shape[1], state.rope
+            if torch.is_grad_enabled():  # self-forcing training: keep the static buffers out of the autograd graph
+                cached_k, cached_v = cache.window(self.layer, 0)
+                n = cached_k.shape[1]
+                keys = rotate(torch.cat([cached_k, key], dim=1), cos[:, :n + s], sin[:, :n + s])
+                values = torch.cat([cached_v, value], dim=1)
+                if state.write:
+                    cache.write(self.layer, key.detach(), value.detach())
+            else:  # the chunk goes in the slots after the valid frames; only a write pass commits it
+                keys, values = cache.attend(self.layer, key, value, cos, sin)
+                n = keys.shape[1] - s
+            query = rotate(query, cos[:, n:n + s], sin[:, n:n + s])
+            out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class CausalWanDenoiser(WanDenoiser):
+    """A Wan denoiser whose self-attention is chunk-causal. The weights (and ``state_dict``) are the teacher's;
+    only the attention processors differ, so a checkpoint loads into either."""
+
+    def __init__(self, transformer, schedule: Schedule | None = None, chunk_frames: int = 1, backend: str = "auto"):
+        super().__init__(transformer, schedule)
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        if transformer.config.patch_size[0] != 1:
+            raise ValueError("chunk-causal attention needs a temporal patch size of 1")
+        self.chunk_frames = chunk_frames
+        self._state = _CallState()
+        for i, block in enumerate(transformer.blocks):
+            block.attn1.set_processor(ChunkCausalProcessor(self._state, i, chunk_frames, backend))
+
+    @classmethod
+    def from_bidirectional(cls, model: WanDenoiser, chunk_frames: int, backend: str = "auto") -> "CausalWanDenoiser":
+        """The causal twin of ``model``, sharing its transformer (copy ``model`` first to keep it bidirectional)."""
+        return cls(model.transformer, model.schedule, chunk_frames, backend)
+
+    def _tokens_per_frame(self, x: Tensor) -> int:
+        _, p_h, p_w = self.config.patch_size
+        return (x.shape[3] // p_h) * (x.shape[4] // p_w)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, cache: KVCache | None = None, write: bool = False,
+                **kwargs) -> Tensor:
+        """Mask mode over the whole clip when ``cache`` is None; else one chunk against ``cache`` (and, with
+        ``write``, its keys/values appended to it)."""
+        state = self._state
+        state.frames, state.tokens_per_frame = x_t.shape[2], self._tokens_per_frame(x_t)
+        if cache is None:
+            return super().forward(x_t, t, cond, **kwargs)
+        if x_t.shape[2] > self.chunk_frames:
+            raise ValueError(f"cache mode takes one chunk of <= {self.chunk_frames} frames, got {x_t.shape[2]}")
+        if cache.tokens_per_frame != state.tokens_per_frame:
+            raise ValueError(f"KV cache is for {cache.tokens_per_frame} tokens per frame, latents have "
+                             f"{state.tokens_per_frame}")
+        if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:
+            raise ValueError("cache mode cannot recompute under gradient checkpointing (the cache changes before "
+                             "the backward pass); disable model.gradient_checkpointing for KV-cached training")
+        cache.make_room()  # before a chunk's first step, so that its steps and its write see one window
+        state.cache, state.write, state.rope = cache, write, self._window_rope(cache, x_t)
+        try:
+            return super().forward(x_t, t, cond, **kwargs)
+        finally:
+            state.cache, state.write, state.rope = None, False, None
+            if write:
+                cache.commit(x_t.shape[2])
+
+    def _window_rope(self, cache: KVCache, x: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE tables for window positions ``0 .. capacity + chunk - 1`` at this frame size (built once per cache)."""
+        key = (x.shape[3], x.shape[4])
+        if cache.rope is None or cache.rope[0] != key:
+            frames = cache.capacity + self.chunk_frames
+            probe = x.new_empty((1, 0, frames, x.shape[3], x.shape[4]))  # the RoPE module reads only the shape
+            cache.rope = (key, tuple(t.to(x.device) for t in self.transformer.rope(probe)))
+        return cache.rope[1]
+
+    def new_cache(self, batch: int, height: int, width: int, capacity: int, sinks: int = 0,
+                  device=None, dtype: torch.dtype | None = None) -> KVCache:
+        """Preallocated buffers for latents of ``height x width`` and a window of ``capacity`` frames."""
+        _, p_h, p_w = self.config.patch_size
+        heads, head_dim = self.config.num_attention_heads, self.config.attention_head_dim
+        param = self.transformer.blocks[0].attn1.to_k.weight  # keys/values come out in its dtype
+        return KVCache(len(self.transformer.blocks), batch, (height // p_h) * (width // p_w), capacity,
+                       self.chunk_frames, heads, head_dim, sinks, device or param.device, dtype or param.dtype)
+
+
+def denoise_chunk(step: Callable[[Tensor, float], Tensor], noise: Tensor, times: list[float], schedule: Schedule,
+                  generator: torch.Generator | None = None, grad_step: int | None = None) -> Tensor:
+    """A few-step student's sampler on one chunk: ``step(x, t) -> x0`` at each time, re-noised with fresh noise
+    to the next. With ``grad_step = k`` the chain stops at step ``k`` and only that call records gradients
+    (Self-Forcing's gradient through one randomly chosen step); otherwise nothing does."""
+    x, last = noise, len(times) - 1 if grad_step is None else grad_step
+    for k in range(last + 1):
+        with torch.set_grad_enabled(grad_step == k and torch.is_grad_enabled()):
+            x0 = step(x, times[k])
+        if k < last:
+            x = schedule.add_noise(x0.detach(), _noise_like(x0, generator), times[k + 1])
+    return x0
+
+
+def _chunks(frames: int, chunk_frames: int) -> list[slice]:
+    return [slice(s, min(s + chunk_frames, frames)) for s in range(0, frames, chunk_frames)]
+
+
+def stream_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, times: list[float],
+                  cache: KVCache | None = None, generator: torch.Generator | None = None,
+                  grad_steps: list[int] | None = None) -> Tensor:
+    """Generate ``noise.shape[2]`` frames chunk by chunk with the KV cache (a fresh one sized for the whole clip
+    when not given); after each chunk its ``x0`` is re-run at ``t = 0`` to write the cache.
+
+    ``grad_steps[c]`` makes chunk ``c`` stop at that step with gradient (Self-Forcing training); the cache is
+    written without gradient from the detached ``x0``.
+    """
+    B, _, T, H, W = noise.shape
+    if cache is None:
+        cache = model.new_cache(B, H, W, capacity=T, device=noise.device)
+    out = []
+    zero = torch.zeros(B, device=noise.device)
+    for c, frames in enumerate(_chunks(T, model.chunk_frames)):
+        step = lambda x, t: model.denoise(x, torch.full((B,), t, device=x.device), cond, cache=cache)
+        x0 = denoise_chunk(step, noise[:, :, frames], times, model.schedule, generator,
+                           None if grad_steps is None else grad_steps[c])
+        with torch.no_grad():
+            model(x0.detach(), zero, cond, cache=cache, write=True)
+        out.append(x0)
+    return torch.cat(out, dim=2)
+
+
+def masked_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, times: list[float],
+                  generator: torch.Generator | None = None) -> Tensor:
+    """The same generation as :func:`stream_sample` without a cache: every step runs the whole prefix (clean
+    earlier chunks at ``t = 0``, the current chunk at its time) through the block-masked forward. The reference
+    that streaming must equal; quadratic in the number of chunks."""
+    B, _, T = noise.shape[:3]
+    done: list[Tensor] = []
+    for frames in _chunks(T, model.chunk_frames):
+        prefix = sum(x.shape[2] for x in done)
+
+        def step(x: Tensor, t: float) -> Tensor:
+            clip = torch.cat([*done, x], dim=2)
+            per_frame = torch.zeros(B, clip.shape[2], device=x.device)
+            per_frame[:, prefix:] = t
+            return model.denoise(clip, per_frame, cond)[:, :, prefix:]
+
+        done.append(denoise_chunk(step, noise[:, :, frames], times, model.schedule, generator))
+    return torch.cat(done, dim=2)
+
+
+def forcing_rollout(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, times: list[float],
+                    frame_steps: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Diffusion forcing (Chen et al. 2024) over the student's steps: every frame (in practice every chunk) runs
+    the student's own sampler up to its step ``frame_steps[b, f]``, all chunks advancing together through the
+    block-masked model (so a chunk sees earlier chunks at their current noise levels). Returns the states and
+    their per-frame times ``[B, T]``; no gradient."""
+    table = torch.tensor(times, device=noise.device)
+    frame_steps = frame_steps.to(noise.device)
+    x = noise
+    with torch.no_grad():
+        for k in range(int(frame_steps.max())):
+            t = table[frame_steps.clamp(max=k)]
+            x0 = model.denoise(x, t, cond)
+            advance = (frame_steps > k)[:, None, :, None, None]
+            x = torch.where(advance, model.schedule.add_noise(x0, _noise_like(x0, generator),
+                                                              table[k + 1]), x)
+    return x, table[frame_steps]
+
+
+def chunk_steps(batch: int, frames: int, chunk_frames: int, steps: int, generator: torch.Generator) -> Tensor:
+    """An independent random step index per sample and chunk, repeated over the chunk's frames: ``[B, T]``."""
+    chunks = -(-frames // chunk_frames)
+    drawn = torch.randint(steps, (batch, chunks), generator=generator, device=generator.device)
+    return drawn.repeat_interleave(chunk_frames, dim=1)[:, :frames]
+
+
+def make_causal_student(model: WanDenoiser, chunk_frames: int, init: str = "") -> CausalWanDenoiser:
+    """A trainable causal copy of a (bidirectional) Wan teacher, with the weights of the trained model directory
+    ``init`` when given (CausVid starts causal DMD from the ODE-regression student)."""
+    if not isinstance(model, WanDenoiser):
+        raise ValueError(f"causal students need a Wan teacher (diffusers WanTransformer3DModel), got "
+                         f"{type(model).__name__}")
+    student = make_student(model)
+    if init:
+        trained = WanDenoiser.from_pretrained(init).transformer.state_dict()
+        student.transformer.load_state_dict(trained)
+    return CausalWanDenoiser.from_bidirectional(student, chunk_frames)
+
+
+def causal_description(student, data) -> dict:
+    """What ``method.json`` records of a causal student (``[student]`` and ``[data]`` of its job), for export."""
+    return {"chunk_frames": student.chunk_frames, "train_frames": data.frames, "mode": student.mode,
+            "cache_frames": student.cache_frames or max(data.frames - student.chunk_frames,
+                                                                  student.sink_frames + student.chunk_frames),
+            "sink_frames": student.sink_frames, "latent_size": [data.channels, data.height, data.width]}

@@ -1,0 +1,127 @@
+"""Causal students on the tiny domain, on windows of long videos: quality of the first training-length window
+and of windows far beyond it (drift), beside the teacher and a bidirectional student on the first window, plus
+the streaming generator's first-chunk latency and frames per second. Writes ``eval/results/causal_tiny.json``.
+
+    python -m eval.windows --teacher tiny --bidirectional runs/causal_tiny/bidir/model \\
+        --causal dmd_df=runs/causal_tiny/df/model --causal dmd_sf=runs/causal_tiny/sf/model \\
+        --windows 0 1 4 --num 256 --out eval/results/causal_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import Tensor
+
+from distill.causal import stream_sample
+from distill.conditioning import Conditioning
+from distill.stream import StreamingGenerator, generator_from_model_dir, measure
+from distill.text import TextEncoder
+from eval.evaluate import Sampler, eval_prompts, evaluate, generate, load_sampler, trained_method
+from eval.probe import Probe, attribute_accuracy, fvd_probe, reference_features
+from eval.results import write_results
+
+
+def causal_sampler(generator: StreamingGenerator) -> Sampler:
+    """Whole videos of any length from a streaming generator's model (batched, with its cache window)."""
+    model, cfg = generator.model, generator.config
+
+    def sample(cond: Conditioning, noise: Tensor) -> Tensor:
+        cache = model.new_cache(noise.shape[0], noise.shape[3], noise.shape[4], cfg.cache_frames, cfg.sink_frames)
+        return stream_sample(model, noise, cond, cfg.timesteps, cache=cache)
+
+    return sample
+
+
+def window_metrics(videos: Tensor, labels: list[dict], probe: Probe, real: Tensor, frames: int,
+                   windows: list[int]) -> list[dict]:
+    """Probe accuracy and FVD-probe of frames ``[k * frames, (k + 1) * frames)`` of each video, per window ``k``."""
+    rows = []
+    for k in windows:
+        clip = videos[:, :, k * frames:(k + 1) * frames]
+        accuracy = attribute_accuracy(probe.predict(clip), labels)
+        rows.append({"window": k, "frames": [k * frames, (k + 1) * frames], "accuracy": round(accuracy["mean"], 4),
+                     "accuracy_per_attribute": {a: round(v, 4) for a, v in accuracy.items() if a != "mean"},
+                     "fvd_probe": round(fvd_probe(probe, clip, real), 3)})
+    return rows
+
+
+def evaluate_causal(generator: StreamingGenerator, probe: Probe, encoder: TextEncoder, num: int, device: torch.device,
+                    frames: int, height: int, width: int, windows: list[int], batch_size: int, real: Tensor,
+                    speed_chunks: int) -> list[dict]:
+    """One row per window, each with the streaming speed (batch 1, identity decoder) of the generator."""
+    captions, labels = eval_prompts(num)
+    length = frames * (max(windows) + 1)
+    videos, seconds = generate(causal_sampler(generator), captions, encoder, (3, length, height, width), device,
+                               batch_size)
+    text, mask = encoder.encode([captions[0]])
+    cond = Conditioning(text.to(device), mask.to(device))
+    speed = measure(generator, lambda c: cond, speed_chunks)
+    common = {"steps": len(generator.config.timesteps), "chunk_frames": generator.config.chunk_frames,
+              "cache_frames": generator.config.cache_frames, "sink_frames": generator.config.sink_frames,
+              "video_frames": length, "sec_per_video": round(seconds / num, 5), "num_videos": num,
+              "first_chunk_latency_s": speed["first_chunk_latency_s"], "fps": speed["fps"]}
+    return [{**common, **row} for row in window_metrics(videos, labels, probe, real, frames, windows)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="tiny", help="teacher model directory or 'tiny'")
+    parser.add_argument("--teacher-steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--bidirectional", help="a bidirectional few-step student directory (first window only)")
+    parser.add_argument("--causal", action="append", default=[], metavar="NAME=DIR",
+                        help="a trained causal student (repeatable)")
+    parser.add_argument("--windows", type=int, nargs="+", default=[0, 1, 4])
+    parser.add_argument("--num", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--frames", type=int, default=16, help="training length (frames per window)")
+    parser.add_argument("--height", type=int, default=32)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--speed-chunks", type=int, default=40, help="chunks streamed for latency and fps")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="eval/results/causal_tiny.json")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    probe, encoder = Probe.load(device=device), TextEncoder.from_pretrained(device=device)
+    real = reference_features(probe, args.num, args.frames, args.height, args.width)
+    shape = (args.frames, args.height, args.width)
+    rows = []
+    baselines = [("teacher", "flow", args.teacher_steps,
+                  load_sampler(args.teacher, device, args.guidance, args.teacher_steps))]
+    if args.bidirectional:
+        trained = trained_method(args.bidirectional)
+        baselines.append(("bidirectional", trained["method"], len(trained["timesteps"]),
+                          load_sampler(args.bidirectional, device, args.guidance)))
+    for model, method, steps, sampler in baselines:
+        result = evaluate(sampler, probe, encoder, args.num, device, *shape, args.batch_size, real_features=real)
+        result.pop("videos")
+        rows.append({"model": model, "method": method, "steps": steps, "window": 0, **result})
+        print(f"{model:14s} window 0  accuracy={result['accuracy']:.3f}  fvd_probe={result['fvd_probe']:.3f}")
+    for spec in args.causal:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--causal {spec!r}: expected NAME=DIR")
+        generator = generator_from_model_dir(path, device=device)
+        method = trained_method(path)
+        for row in evaluate_causal(generator, probe, encoder, args.num, device, *shape, args.windows,
+                                   args.batch_size, real, args.speed_chunks):
+            rows.append({"model": name, "method": method["method"], "mode": method["causal"]["mode"], **row})
+            print(f"{name:14s} window {row['window']}  accuracy={row['accuracy']:.3f}  "
+                  f"fvd_probe={row['fvd_probe']:.3f}  first_chunk={row['first_chunk_latency_s']:.4f}s  "
+                  f"fps={row['fps']:.1f}")
+    notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed); FVD-probe of each {args.frames}-frame "
+             f"window against {args.num} unseen real {args.frames}-frame clips; window k = frames "
+             f"[{args.frames}k, {args.frames}(k+1)) of one long video per prompt, streamed with the KV window of the "
+             f"student's job; teacher ({args.teacher_steps} Euler steps, guidance {args.guidance}) and the "
+             "bidirectional student generate one training-length clip (window 0 only). first_chunk_latency_s and "
+             "fps: batch 1, identity decoder (pixel space), after a warm-up stream; fps counts chunks after the "
+             "first. sec_per_video: the whole long video, batched.")
+    write_results(args.out, rows, device, notes)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Causal DMD: DMD2 with a chunk-causal student and the bidirectional teacher as the real score (asymmetric
+distillation, CausVid, Yin et al. 2025), in two ways of making the student's samples:
+
+- ``diffusion_forcing``: every chunk at an independently drawn step of the student's schedule, reached by the
+  student's own block-masked rollout (chunks see earlier chunks noisy, as in diffusion forcing, Chen et al. 2024);
+  one forward with gradient gives ``x0`` of all chunks.
+- ``self_forcing`` (Huang et al. 2025): the student generates chunk by chunk with its KV cache exactly as at
+  inference, each chunk stopping at a randomly drawn step that alone carries the gradient; the cache is written
+  from the detached ``x0``. Training sees the student's own context, so errors do not accumulate at test time.
+
+The critic (fake score) stays bidirectional like the teacher; the loss terms are :class:`losses.dmd.DMDMethod`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from distill.causal import causal_description, chunk_steps, forcing_rollout, make_causal_student, stream_sample
+from distill.conditioning import Batch
+from distill.config import DataConfig, StudentConfig
+from losses.base import Networks
+from losses.dmd import DMDMethod
+from teachers.base import Denoiser
+
+
+@dataclass
+class CausalDMDMethod(DMDMethod):
+    student: StudentConfig = field(default_factory=lambda: StudentConfig(causal=True))
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def networks(self, model: Denoiser) -> tuple[Networks, Networks]:
+        trainable, frozen = super().networks(model)
+        trainable["generator"] = make_causal_student(model, self.student.chunk_frames, self.student.init)
+        return trainable, frozen
+
+    def describe(self) -> dict:
+        return {**super().describe(), "causal": causal_description(self.student, self.data)}
+
+    def sample(self, student: Denoiser, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
+        shape, device = batch.shape, batch.cond.text.device
+        noise = torch.randn(shape, generator=generator, device=generator.device).to(device)
+        steps = chunk_steps(shape[0], shape[2], self.student.chunk_frames, len(self.times), generator)
+        with torch.set_grad_enabled(grad):
+            if self.student.mode == "self_forcing":
+                per_chunk = steps[0, ::self.student.chunk_frames].tolist()  # one draw per chunk for the batch
+                return stream_sample(student, noise, batch.cond, self.times, generator=generator, grad_steps=per_chunk)
+            x_t, t = forcing_rollout(student, noise, batch.cond, self.times, steps, generator)
+            return student.denoise(x_t, t, batch.cond)

@@ -1,0 +1,201 @@
+"""Causal students: streaming with the KV cache equals the block-masked whole-clip forward, the rolling window
+keeps memory flat, streaming generators round-trip through export."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.causal import CausalWanDenoiser, block_causal_mask, masked_sample, stream_sample
+from distill.conditioning import Conditioning
+from distill.stream import StreamingConfig, StreamingGenerator, export_streaming
+from teachers.wan import WanDenoiser
+
+TIMES = [1.0, 0.75, 0.5, 0.25]
+
+
+@pytest.fixture(scope="module")
+def causal():
+    return CausalWanDenoiser.from_bidirectional(WanDenoiser.load("tiny-random"), chunk_frames=2).eval()
+
+
+def _cond(batch=2, seed=0):
+    return Conditioning(torch.randn(batch, 5, 384, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_block_mask_is_chunk_causal():
+    mask = block_causal_mask(frames=4, tokens_per_frame=1, chunk_frames=2)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_mask_mode_is_causal_and_differs_from_bidirectional(causal):
+    x, t, cond = torch.randn(1, 3, 6, 16, 16), torch.rand(1, 6), _cond(1)
+    with torch.no_grad():
+        y = causal(x, t, cond)
+        x2 = x.clone()
+        x2[:, :, 4:] += 1.0
+        y2 = causal(x2, t, cond)
+        bidirectional = WanDenoiser.load("tiny-random")(x2, t, cond)
+    assert torch.equal(y[:, :, :4], y2[:, :, :4])  # earlier chunks never see later ones
+    assert (y[:, :, 4:] - y2[:, :, 4:]).abs().max() > 1e-3
+    assert (bidirectional[:, :, :4] - y2[:, :, :4]).abs().max() > 1e-3
+
+
+def test_streaming_equals_masked_whole_clip(causal):
+    noise, cond = torch.randn(2, 3, 6, 16, 16, generator=torch.Generator().manual_seed(1)), _cond()
+    with torch.no_grad():
+        streamed = stream_sample(causal, noise, cond, TIMES, generator=torch.Generator().manual_seed(2))
+        masked = masked_sample(causal, noise, cond, TIMES, generator=torch.Generator().manual_seed(2))
+    assert streamed.shape == noise.shape
+    torch.testing.assert_close(streamed, masked, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sinks, window", [(0, [2, 3, 4, 5]), (2, [0, 1, 4, 5])])
+def test_rolled_window_sees_training_positions(sinks, window):
+    """After the window rolls, a chunk sees the cached frames (sinks first) at cache-relative RoPE positions
+    0..n-1, as the masked model sees a clip made of them. One layer, so that cached keys/values depend only on
+    their own frames (deeper layers' cached entries keep the context they were written with, by design)."""
+    from teachers.wan import WAN_PRESETS
+
+    one_layer = CausalWanDenoiser.from_bidirectional(
+        WanDenoiser.from_config(dict(WAN_PRESETS["tiny-random"], num_layers=1)), chunk_frames=2).eval()
+    noise, cond = torch.randn(1, 3, 8, 16, 16, generator=torch.Generator().manual_seed(3)), _cond(1)
+    with torch.no_grad():
+        cache = one_layer.new_cache(1, 16, 16, capacity=4, sinks=sinks)
+        streamed = stream_sample(one_layer, noise, cond, [0.5], cache=cache)  # one step: no re-noising draws
+        assert cache.frames == 6 and cache.seen == 8
+        clip = torch.cat([streamed[:, :, window], noise[:, :, 6:]], 2)  # the window before the last chunk, then it
+        reference = one_layer.denoise(clip, torch.tensor([[0.0, 0, 0, 0, 0.5, 0.5]]), cond)[:, :, 4:]
+        absolute = one_layer.denoise(torch.cat([streamed[:, :, :6], noise[:, :, 6:]], 2),
+                                     torch.tensor([[0.0] * 6 + [0.5] * 2]), cond)[:, :, 6:]
+    torch.testing.assert_close(streamed[:, :, 6:], reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(streamed[:, :, 6:], absolute, atol=1e-3)  # the evicted frames are gone
+
+
+def test_rolling_window_memory_is_flat(causal):
+    """Ten times a 4-frame training length with a 2-frame sink: the cache buffers never grow or move."""
+    cache = causal.new_cache(1, 16, 16, capacity=4, sinks=2)
+    pointers, size = [b.data_ptr() for b in (cache.k, cache.k_rot, cache.v)], cache.nbytes()
+    noise, cond = torch.randn(1, 3, 40, 16, 16), _cond(1)
+    with torch.no_grad():
+        video = stream_sample(causal, noise, cond, TIMES[:2], cache=cache)
+    assert torch.isfinite(video).all() and cache.seen == 40 and cache.frames == 6
+    assert [b.data_ptr() for b in (cache.k, cache.k_rot, cache.v)] == pointers and cache.nbytes() == size
+
+
+def _trained_dir(tmp_path, dtype=torch.float32):
+    model = WanDenoiser.load("tiny-random")
+    out = model.save_pretrained(tmp_path / "model", dtype=dtype)
+    method = {"method": "dmd", "timesteps": TIMES, "causal": {"chunk_frames": 2, "train_frames": 6,
+                                                              "latent_size": [3, 16, 16]}}
+    (out / "method.json").write_text(json.dumps(method))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_load_roundtrip_is_bitwise(tmp_path, dtype):
+    out = export_streaming(_trained_dir(tmp_path), tmp_path / "gen", dtype=dtype, sink_frames=0)
+    config = StreamingConfig.read(out)
+    assert config.cache_frames == 4 and config.chunk_frames == 2 and config.dtype == dtype
+    generator = StreamingGenerator.from_pretrained(out, load_text_encoder=False)
+    again = generator.save_pretrained(tmp_path / "again")
+    first, second = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) and first[k].dtype == second[k].dtype for k in first)
+
+
+def test_stream_yields_frames_with_changing_prompts(tmp_path):
+    generator = StreamingGenerator.from_pretrained(export_streaming(_trained_dir(tmp_path), tmp_path / "gen"))
+    chunks = list(generator.stream(["a red circle moving left", "a blue square moving up", "a red circle"], 3, seed=0))
+    assert [c.shape for c in chunks] == [(2, 16, 16, 3)] * 3 and all(c.dtype == np.uint8 for c in chunks)
+    again = list(generator.stream(["a red circle moving left", "a blue square moving up", "a red circle"], 3, seed=0))
+    assert all(np.array_equal(a, b) for a, b in zip(chunks, again))  # seeded, cache reset between streams
+    other = list(generator.stream("a red circle moving left", 3, seed=0))
+    assert np.array_equal(other[0], chunks[0]) and not np.array_equal(other[1], chunks[1])
+
+
+def test_cache_mode_with_gradient_matches_inference(causal):
+    """Self-forcing's rollout (gradient through the last step of each chunk) computes what inference computes."""
+    noise, cond = torch.randn(1, 3, 6, 16, 16), _cond(1)
+    with_grad = stream_sample(causal, noise, cond, TIMES[:2], generator=torch.Generator().manual_seed(4),
+                              grad_steps=[1, 1, 1])
+    with torch.no_grad():
+        inference = stream_sample(causal, noise, cond, TIMES[:2], generator=torch.Generator().manual_seed(4))
+    assert with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), inference, atol=1e-5, rtol=1e-5)
+    with_grad.square().mean().backward()
+    assert causal.transformer.blocks[0].attn1.to_k.weight.grad.abs().sum() > 0
+    causal.zero_grad(set_to_none=True)
+
+
+def test_streaming_benchmark_runs_at_toy_size(tmp_path):
+    """eval/bench_streaming.py end to end on the CPU: a 16-channel toy Wan and a toy Wan VAE."""
+    from eval.bench_streaming import gpu_slug, main as bench
+
+    config = tmp_path / "toy.json"
+    config.write_text(json.dumps({"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 16,
+                                  "in_channels": 16, "out_channels": 16, "text_dim": 64, "freq_dim": 32,
+                                  "ffn_dim": 64, "num_layers": 2}))
+    out = tmp_path / "streaming.json"
+    rows = bench(["--preset", str(config), "--height", "4", "--width", "4", "--chunk-frames", "2", "--cache-frames",
+                  "2", "--chunks", "3", "--text-tokens", "8", "--dtype", "float32", "--device", "cpu",
+                  "--vae-config", '{"base_dim": 8, "num_res_blocks": 1}', "--out", str(out)])
+    assert [r["includes_vae_decode"] for r in rows] == [False, True]
+    decoded = rows[1]
+    assert decoded["frames"] == 1 + 4 * (2 * 3 - 1) and decoded["resolution"] == "32x32"  # the VAE's 4x in time
+    assert all(r["fps"] > 0 and r["first_chunk_latency_s"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"][0]["model_size"] == "toy"
+    assert gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+
+
+def test_flex_attention_block_mask_matches_masked_sdpa():
+    model = WanDenoiser.load("tiny-random")
+    x, t, cond = torch.randn(1, 3, 4, 16, 16), torch.rand(1, 4), _cond(1)
+    with torch.no_grad():
+        sdpa = CausalWanDenoiser.from_bidirectional(model, 2, backend="sdpa")(x, t, cond)
+        flex = CausalWanDenoiser.from_bidirectional(model, 2, backend="flex")(x, t, cond)
+    torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_flex_training_and_bf16_streaming():
+    """On CUDA: the FlexAttention mask mode (forward and backward) agrees with masked SDPA, and bf16 streaming
+    with the KV cache agrees with the bf16 block-masked whole clip."""
+    base = WanDenoiser.load("tiny-random").cuda()
+    x, t, cond = torch.randn(2, 3, 8, 16, 16, device="cuda"), torch.rand(2, 8, device="cuda"), _cond().to("cuda")
+    grads = []
+    for backend in ("sdpa", "flex"):
+        model = CausalWanDenoiser.from_bidirectional(base, 2, backend=backend)
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, cond)
+        out.square().mean().backward()
+        grads.append((out.detach(), model.transformer.blocks[0].attn1.to_q.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-4, rtol=1e-3)
+    bf16 = CausalWanDenoiser.from_bidirectional(WanDenoiser.load("tiny-random", dtype=torch.bfloat16).cuda(), 2)
+    noise = torch.randn(1, 3, 6, 16, 16, device="cuda")
+    with torch.no_grad():
+        streamed = stream_sample(bf16, noise, cond.index(slice(0, 1)), TIMES,
+                                 generator=torch.Generator("cuda").manual_seed(0))
+        masked = masked_sample(bf16, noise, cond.index(slice(0, 1)), TIMES,
+                               generator=torch.Generator("cuda").manual_seed(0))
+    assert (streamed - masked).abs().mean() < 2e-2 and (streamed - masked).abs().max() < 0.25
+
+
+def test_wan_vae_decodes_chunk_by_chunk_as_the_whole_clip():
+    from diffusers import AutoencoderKLWan
+
+    from distill.stream import WanVAEDecoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, num_res_blocks=1).eval()
+    decoder = WanVAEDecoder(vae)
+    latents = torch.randn(1, 16, 4, 2, 2)
+    with torch.no_grad():
+        whole = vae.decode(latents * decoder.std + decoder.mean).sample
+        decoder.reset()
+        streamed = torch.cat([decoder(latents[:, :, :2]), decoder(latents[:, :, 2:])], dim=2)
+    assert streamed.shape == whole.shape == (1, 3, 1 + 4 * 3, 16, 16)
+    torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,107 @@
+"""Causal students train through the trainer: ODE-pair regression and causal DMD in both modes; the CLI writes
+ODE pairs, exports a streaming generator and streams it into a file."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill.causal import CausalWanDenoiser, chunk_steps, forcing_rollout
+from distill.cli import main
+from distill.conditioning import Conditioning
+from distill.config import ConfigError, load_job
+from distill.data.shards import read_shards
+from distill.run import build_model, train
+from distill.stream import StreamingConfig
+from distill.video import read_video
+from teachers.wan import WanDenoiser
+
+JOB = Path(__file__).parent / "jobs" / "tiny_causal.toml"
+
+
+def test_student_settings_are_validated():
+    with pytest.raises(ConfigError, match="student.chunk_frames = 3 must be >= 1 and divide data.frames = 4"):
+        load_job(JOB, ["student.chunk_frames=3"])
+    with pytest.raises(ConfigError, match="student.mode"):
+        load_job(JOB, ["student.mode='teacher_forcing'"])
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        load_job(JOB, ["student.mode='self_forcing'", "model.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="data.kind = 'ode_pairs'"):
+        load_job(JOB, ["method.name='regression'"])
+    with pytest.raises(ConfigError, match="works with method.name"):
+        load_job(JOB, ["method.name='flow'"])
+
+
+def test_forcing_rollout_leaves_chunks_at_their_drawn_steps():
+    model = CausalWanDenoiser.from_bidirectional(WanDenoiser.load("tiny-random"), chunk_frames=2)
+    steps = chunk_steps(2, 6, 2, 3, torch.Generator().manual_seed(0))
+    assert steps.shape == (2, 6) and torch.equal(steps[:, 0::2], steps[:, 1::2])
+    noise = torch.randn(2, 3, 6, 16, 16)
+    x, t = forcing_rollout(model, noise, Conditioning(torch.randn(2, 5, 384)), [1.0, 0.6, 0.3], steps)
+    assert torch.equal(t, torch.tensor([1.0, 0.6, 0.3])[steps])
+    at_start = (steps == 0)[:, None, :, None, None].expand_as(x)
+    assert torch.equal(x[at_start], noise[at_start]) and not torch.equal(x[~at_start], noise[~at_start])
+
+
+@pytest.mark.parametrize("mode", ["diffusion_forcing", "self_forcing"])
+def test_causal_dmd_trains_and_records_the_student(tmp_path, mode):
+    out = train(load_job(JOB, [f"output.dir='{tmp_path}'", f"student.mode='{mode}'"]))
+    method = json.loads((out / "method.json").read_text())
+    assert method["causal"] == {"chunk_frames": 2, "train_frames": 4, "mode": mode, "cache_frames": 2,
+                                "sink_frames": 0, "latent_size": [3, 16, 16]}
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any("generator/loss" in r for r in log) and any("critic/loss" in r for r in log)
+    teacher = build_model(load_job(JOB)).state_dict()
+    trained = WanDenoiser.from_pretrained(out).state_dict()
+    assert any(not torch.equal(teacher[k], trained[k]) for k in teacher)
+
+
+def test_ode_pairs_regression_export_and_stream(tmp_path, capsys):
+    pairs = tmp_path / "pairs"
+    main(["ode-pairs", "--teacher", "tiny-random", "--out", str(pairs), "--num", "4", "--student-steps", "2",
+          "--teacher-steps", "4", "--frames", "4", "--height", "16", "--width", "16", "--device", "cpu"])
+    sample = next(iter(read_shards(pairs, on_error="raise")))
+    assert sample["trajectory"].shape == (2, 3, 4, 16, 16)
+    assert torch.equal(sample["trajectory"][0], sample["noise"])  # the first student time is t = 1
+    run = tmp_path / "run"
+    model = train(load_job(JOB, [f"output.dir='{run}'", "method.name='regression'", "data.kind='ode_pairs'",
+                                 f"data.path='{pairs}'"]))
+    assert json.loads((model / "method.json").read_text())["method"] == "regression"
+    gen = tmp_path / "gen"
+    main(["export", "--model", str(model), "--format", "streaming", "--out", str(gen), "--sink-frames", "0"])
+    assert StreamingConfig.read(gen).cache_frames == 2
+    video = tmp_path / "stream.mp4"
+    main(["stream", "--generator", str(gen), "--prompt", "a red circle", "--prompt", "a blue square",
+          "--seconds", "1", "--out", str(video), "--device", "cpu"])
+    frames = read_video(video)
+    assert frames.shape == (8, 16, 16, 3) and frames.dtype == np.uint8
+    assert "first chunk after" in capsys.readouterr().out
+
+
+def test_window_eval_writes_causal_rows(tmp_path):
+    """eval.windows at toy size: teacher and bidirectional rows on window 0, causal rows on windows 0 and 2."""
+    from eval.windows import main as windows_main
+
+    model = WanDenoiser.load("tiny-random")
+    student = model.save_pretrained(tmp_path / "student")
+    (student / "method.json").write_text(json.dumps({"method": "dmd", "timesteps": [1.0, 0.5]}))
+    causal = model.save_pretrained(tmp_path / "causal")
+    (causal / "method.json").write_text(json.dumps({"method": "dmd", "timesteps": [1.0, 0.5], "causal": {
+        "chunk_frames": 2, "train_frames": 4, "mode": "self_forcing", "latent_size": [3, 16, 16]}}))
+    out = tmp_path / "causal_tiny.json"
+    windows_main(["--teacher", "tiny-random", "--teacher-steps", "2", "--bidirectional", str(student),
+                  "--causal", f"sf={causal}", "--windows", "0", "2", "--num", "4", "--frames", "4", "--height", "16",
+                  "--width", "16", "--speed-chunks", "3", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["window"]) for r in rows] == [("teacher", 0), ("bidirectional", 0), ("sf", 0), ("sf", 2)]
+    causal_rows = rows[2:]
+    assert causal_rows[1]["frames"] == [8, 12] and causal_rows[0]["video_frames"] == 12
+    assert all(r["fps"] > 0 and r["first_chunk_latency_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in causal_rows)
+    from eval.evaluate import load_sampler  # model directories of causal students sample chunk by chunk
+
+    noise = torch.randn(1, 3, 6, 16, 16)
+    with torch.no_grad():
+        video = load_sampler(causal, torch.device("cpu"), 1.0)(Conditioning(torch.randn(1, 5, 384)), noise)
+    assert video.shape == noise.shape
