@@ -1,0 +1,265 @@
+"""Block-sparse attention in Triton, forward and backward, in the manner of FlashAttention-2 (Dao 2023):
+each program walks only the kept blocks of its row (forward, dq) or column (dk, dv) of the block mask,
+keeping the softmax online in fp32 with exp2 and the log2(e)-folded scale.
+
+Layout: q, k, v ``[B, H, N, D]`` (tile-major, N a multiple of the block), the kept key blocks per query block
+as a padded index ``[H or 1, Q, max_kept]`` plus counts ``[H or 1, Q]``, and the transpose of that index for
+the dk/dv kernel. Padded keys (tile-major padding) are masked inside the blocks that hold them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from distill.attention.sparse import BlockSparse
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def runs_on(x: Tensor) -> bool:
+    """Whether the kernel runs for this tensor: CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests)."""
+    return x.is_cuda or (_INTERPRET and x.device.type == "cpu")
+
+
+def _configs(sizes: list[tuple[int, int]]) -> list[triton.Config]:
+    """Autotune space: (BLOCK_M, BLOCK_N) sub-blocks of a tile, warps and pipeline stages (one under the
+    interpreter, which only checks correctness)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n in sizes for w in (4, 8) for s in (2, 3)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Sub-blocks must tile the pattern's block."""
+    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
+    kept = [c for c in configs if block % c.kwargs["BLOCK_M"] == 0 and block % c.kwargs["BLOCK_N"] == 0]
+    return kept or [triton.Config({"BLOCK_M": min(block, 16), "BLOCK_N": min(block, 16)}, num_warps=4, num_stages=1)]
+
+
+@triton.autotune(configs=_configs([(128, 64), (128, 128), (64, 64), (64, 128)]),
+                 key=["N", "BLOCK", "D", "HAS_PAD"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _fwd(Q, K, V, O, LSE, IDX, CNT, VALID, qk_scale,
+         stride_b, stride_h, stride_n, s_ih, s_iq, s_ch,
+         H, N, MAXK,
+         BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    base = b * stride_b + h * stride_h
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D)
+    q = tl.load(Q + base + rows[:, None] * stride_n + dims[None, :])
+    qblock = pid_m * BLOCK_M // BLOCK
+    count = tl.load(CNT + h * s_ch + qblock)
+    idx_row = IDX + h * s_ih + qblock * s_iq
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for j in range(0, count):
+        kblock = tl.load(idx_row + j)
+        for sub in range(0, BLOCK // BLOCK_N):
+            cols = kblock * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = tl.load(K + base + cols[:, None] * stride_n + dims[None, :])
+            v = tl.load(V + base + cols[:, None] * stride_n + dims[None, :])
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+            if HAS_PAD:
+                valid = tl.load(VALID + cols)
+                s = tl.where(valid[None, :] != 0, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + base + rows[:, None] * stride_n + dims[None, :], acc.to(O.dtype.element_ty))
+    tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i))
+
+
+@triton.jit
+def _delta(O, DO, DELTA, stride_b, stride_h, stride_n, H, N, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """rowsum(dO * O), the softmax backward's per-row term."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    base = (bh // H) * stride_b + (bh % H) * stride_h
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D)
+    o = tl.load(O + base + rows[:, None] * stride_n + dims[None, :]).to(tl.float32)
+    do = tl.load(DO + base + rows[:, None] * stride_n + dims[None, :]).to(tl.float32)
+    tl.store(DELTA + bh * N + rows, tl.sum(o * do, 1))
+
+
+@triton.autotune(configs=_configs([(64, 64), (64, 128), (32, 128), (128, 64)]),
+                 key=["N", "BLOCK", "D", "HAS_PAD"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, CNT, VALID, qk_scale, sm_scale,
+              stride_b, stride_h, stride_n, s_ih, s_ik, s_ch,
+              H, N, MAXQ,
+              BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per BLOCK_N keys: loops over the query blocks that keep their block (transposed index)."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    base = b * stride_b + h * stride_h
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, D)
+    k = tl.load(K + base + cols[:, None] * stride_n + dims[None, :])
+    v = tl.load(V + base + cols[:, None] * stride_n + dims[None, :])
+    if HAS_PAD:
+        valid = tl.load(VALID + cols) != 0
+    kblock = pid_n * BLOCK_N // BLOCK
+    count = tl.load(CNT + h * s_ch + kblock)
+    idx_row = IDX + h * s_ih + kblock * s_ik
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for i in range(0, count):
+        qblock = tl.load(idx_row + i)
+        for sub in range(0, BLOCK // BLOCK_M):
+            rows = qblock * BLOCK + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = tl.load(Q + base + rows[:, None] * stride_n + dims[None, :])
+            do = tl.load(DO + base + rows[:, None] * stride_n + dims[None, :])
+            lse = tl.load(LSE + bh * N + rows)
+            delta = tl.load(DELTA + bh * N + rows)
+            if IEEE:
+                st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # [BLOCK_N, BLOCK_M]
+            else:
+                st = tl.dot(k, tl.trans(q)) * qk_scale
+            pt = tl.exp2(st - lse[None, :])
+            if HAS_PAD:
+                pt = tl.where(valid[:, None], pt, 0.0)
+            if IEEE:
+                dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
+                dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
+            else:
+                dv += tl.dot(pt.to(do.dtype), do)
+                dpt = tl.dot(v, tl.trans(do))
+            dst = pt * (dpt - delta[None, :])
+            if IEEE:
+                dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
+            else:
+                dk += tl.dot(dst.to(q.dtype), q)
+    tl.store(DK + base + cols[:, None] * stride_n + dims[None, :], (dk * sm_scale).to(DK.dtype.element_ty))
+    tl.store(DV + base + cols[:, None] * stride_n + dims[None, :], dv.to(DV.dtype.element_ty))
+
+
+@triton.autotune(configs=_configs([(64, 64), (128, 64), (64, 128), (128, 128)]),
+                 key=["N", "BLOCK", "D", "HAS_PAD"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, VALID, qk_scale, sm_scale,
+            stride_b, stride_h, stride_n, s_ih, s_iq, s_ch,
+            H, N, MAXK,
+            BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per BLOCK_M queries: loops over their kept key blocks."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    base = b * stride_b + h * stride_h
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D)
+    q = tl.load(Q + base + rows[:, None] * stride_n + dims[None, :])
+    do = tl.load(DO + base + rows[:, None] * stride_n + dims[None, :])
+    lse = tl.load(LSE + bh * N + rows)
+    delta = tl.load(DELTA + bh * N + rows)
+    qblock = pid_m * BLOCK_M // BLOCK
+    count = tl.load(CNT + h * s_ch + qblock)
+    idx_row = IDX + h * s_ih + qblock * s_iq
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for j in range(0, count):
+        kblock = tl.load(idx_row + j)
+        for sub in range(0, BLOCK // BLOCK_N):
+            cols = kblock * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = tl.load(K + base + cols[:, None] * stride_n + dims[None, :])
+            v = tl.load(V + base + cols[:, None] * stride_n + dims[None, :])
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                dp = tl.dot(do, tl.trans(v))
+            p = tl.exp2(s - lse[:, None])
+            if HAS_PAD:
+                valid = tl.load(VALID + cols)
+                p = tl.where(valid[None, :] != 0, p, 0.0)
+            ds = p * (dp - delta[:, None])
+            if IEEE:
+                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+            else:
+                dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + base + rows[:, None] * stride_n + dims[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse) -> None:
+    b, h, n, d = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one shape [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if d not in (16, 32, 64, 128) or sparse.block < 16 or sparse.block & (sparse.block - 1):
+        raise ValueError(f"head dim {d} must be 16/32/64/128 and block {sparse.block} a power of two >= 16")
+    if n != sparse.keep.shape[1] * sparse.block or sparse.keep.shape[1] != sparse.keep.shape[2]:
+        raise ValueError(f"{n} tokens do not match the pattern: {tuple(sparse.keep.shape)} blocks of {sparse.block}")
+    if sparse.heads not in (1, h):
+        raise ValueError(f"pattern has {sparse.heads} heads, q has {h}")
+
+
+def _index_args(index: tuple[Tensor, Tensor], device: torch.device) -> tuple[Tensor, Tensor, int, int, int]:
+    """Index, counts and their strides (head stride 0 when one pattern serves all heads)."""
+    idx, cnt = index[0].to(device), index[1].to(device)
+    shared = idx.shape[0] == 1
+    return idx, cnt, 0 if shared else idx.stride(0), idx.stride(1), 0 if shared else cnt.stride(0)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse, scale: float) -> Tensor:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        b, h, n, d = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
+        idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
+        valid = sparse.key_valid.to(device=q.device, dtype=torch.int8) if sparse.key_valid is not None else cnt
+        meta = dict(BLOCK=sparse.block, D=d, HAS_PAD=sparse.key_valid is not None, IEEE=q.dtype == torch.float32)
+        grid = lambda cfg: (n // cfg["BLOCK_M"], b * h)  # noqa: E731
+        _fwd[grid](q, k, v, out, lse, idx, cnt, valid, scale * LOG2E, q.stride(0), q.stride(1), q.stride(2),
+                   s_ih, s_iq, s_ch, h, n, idx.shape[-1], **meta)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.sparse, ctx.scale, ctx.meta, ctx.valid = sparse, scale, meta, valid
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        sparse, scale, meta = ctx.sparse, ctx.scale, ctx.meta
+        grad_out = grad_out.contiguous()
+        b, h, n, d = q.shape
+        strides = (q.stride(0), q.stride(1), q.stride(2))
+        delta = torch.empty_like(lse)
+        _delta[(n // 16, b * h)](out, grad_out, delta, *strides, h, n, D=d, BLOCK_M=16)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.q_index, q.device)
+        _bwd_dkdv[lambda cfg: (n // cfg["BLOCK_N"], b * h)](
+            q, k, v, grad_out, dk, dv, lse, delta, idx, cnt, ctx.valid, scale * LOG2E, scale, *strides,
+            s_ih, s_iq, s_ch, h, n, idx.shape[-1], **meta)
+        idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
+        _bwd_dq[lambda cfg: (n // cfg["BLOCK_M"], b * h)](
+            q, k, v, grad_out, dq, lse, delta, idx, cnt, ctx.valid, scale * LOG2E, scale, *strides,
+            s_ih, s_iq, s_ch, h, n, idx.shape[-1], **meta)
+        return dq, dk, dv, None, None
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse, scale: float | None = None) -> Tensor:
+    """Softmax attention of ``q, k, v`` ``[B, H, N, D]`` over the kept blocks of ``sparse`` (differentiable)."""
+    _check(q, k, v, sparse)
+    return _BlockSparseAttention.apply(q, k, v, sparse, q.shape[-1] ** -0.5 if scale is None else scale)
