@@ -144,6 +144,9 @@ def _eval(args: argparse.Namespace) -> None:
              teacher_sampler(teacher, steps, args.guidance)) for steps in args.steps]
     if args.student:
         student = teachers.load("wan", args.student).to(device).eval()
+        from distill.attention import install_saved
+
+        install_saved(student, args.student)  # the sparse pattern it was trained with, if any
         trained = trained_method(args.student)
         for steps in args.student_steps:
             runs.append(("student", trained["method"], steps,

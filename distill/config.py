@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.attention.spec import AttentionSpec  # the [attention] table (distill/attention)
+
 
 class ConfigError(ValueError):
     """A job file or override is wrong; the message names the file and the key."""
@@ -116,6 +118,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
 
 
 _CHOICES = {
@@ -207,6 +210,9 @@ def validate(job: JobConfig, where: str = "job") -> JobConfig:
         raise ConfigError(f"{where}: data.kind = 'shards' needs data.path (a shard directory)")
     if len(job.optim.betas) != 2:
         raise ConfigError(f"{where}: optim.betas must have two entries, got {job.optim.betas}")
+    attention_problems = job.attention.problems()
+    if attention_problems:
+        raise ConfigError(f"{where}: " + "; ".join(attention_problems))
     return job
 
 

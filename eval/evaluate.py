@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from distill.attention import install_saved
 from distill.conditioning import Conditioning
 from distill.data.synthetic import caption, sample_labels
 from distill.schedule import euler_sample
@@ -54,6 +55,7 @@ def load_sampler(model_dir: str | Path, device: torch.device, guidance: float, t
     import teachers
 
     model = teachers.load_spec(str(model_dir)).to(device).eval()
+    install_saved(model, model_dir)  # a student trained with sparse attention samples with it
     times = trained_method(model_dir).get("timesteps")
     return teacher_sampler(model, teacher_steps, guidance) if times is None else student_sampler(model, times)
 

@@ -40,34 +40,37 @@ def _flex_fn(device: torch.device):
 
 
 def flex_block_mask(sparse: BlockSparse, device: torch.device):
-    """The pattern as FlexAttention's BlockMask: blocks without padding are "full" (no mask_mod), blocks with
-    padded keys are partial (mask_mod drops the padding). Built from the index directly, once per pattern."""
+    """The pattern as FlexAttention's BlockMask, built from the index directly, once per pattern: blocks without
+    padding are "full" (no mask_mod on the fused path), blocks with padded keys are partial. The mask_mod
+    states the whole pattern, as FlexAttention's contract asks (its unfused CPU path reads only the mask_mod)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     cached = getattr(sparse, "_flex_mask", None)
     if cached is not None and cached[0] == device:
         return cached[1]
-    keep = sparse.keep.to(device)
-    if sparse.partial_blocks is None:
-        full_idx, full_cnt = keep_index(keep)
-        part_idx, part_cnt = torch.zeros_like(full_idx), torch.zeros_like(full_cnt)
-        mask_mod = None
-    else:
-        partial = sparse.partial_blocks.to(device)
-        part_idx, part_cnt = keep_index(keep & partial[None, None, :])
-        full_idx, full_cnt = keep_index(keep & ~partial[None, None, :])
-        valid = sparse.key_valid.to(device)
+    keep, block = sparse.keep.to(device), sparse.block
+    partial = (sparse.partial_blocks.to(device) if sparse.partial_blocks is not None
+               else torch.zeros(keep.shape[2], dtype=torch.bool, device=device))
+    part_idx, part_cnt = keep_index(keep & partial[None, None, :], full_width=True)
+    full_idx, full_cnt = keep_index(keep & ~partial[None, None, :], full_width=True)
+    valid = sparse.key_valid.to(device) if sparse.key_valid is not None else None
+    shared = keep.shape[0] == 1
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return valid[kv_idx]
+    def mask_mod(b, h, q_idx, kv_idx):
+        kept = keep[0 if shared else h, q_idx // block, kv_idx // block]
+        return kept if valid is None else kept & valid[kv_idx]
+
     mask = BlockMask.from_kv_blocks(part_cnt[None], part_idx[None], full_cnt[None], full_idx[None],
-                                    BLOCK_SIZE=sparse.block, mask_mod=mask_mod)
+                                    BLOCK_SIZE=block, mask_mod=mask_mod)
     sparse._flex_mask = (device, mask)
     return mask
 
 
 def flex(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse | None, scale: float) -> Tensor:
-    """FlexAttention (Dong et al. 2024) with a block mask."""
+    """FlexAttention (Dong et al. 2024) with a block mask. FlexAttention has no CPU backward, so CPU training
+    falls back to the SDPA reference (the same function)."""
+    if q.device.type == "cpu" and any(x.requires_grad for x in (q, k, v)):
+        return sdpa(q, k, v, sparse, scale)
     mask = None if sparse is None else flex_block_mask(sparse, q.device)
     return _flex_fn(q.device)(q, k, v, block_mask=mask, scale=scale)
 

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 
-def keep_index(keep: Tensor) -> tuple[Tensor, Tensor]:
+def keep_index(keep: Tensor, full_width: bool = False) -> tuple[Tensor, Tensor]:
     """``keep`` bool ``[H, Q, K]`` -> (indices int32 ``[H, Q, max_kept]`` of kept key blocks in ascending order,
-    padded with 0; counts int32 ``[H, Q]``)."""
+    padded with 0, or ``[H, Q, K]`` with ``full_width`` as FlexAttention wants; counts int32 ``[H, Q]``)."""
     counts = keep.sum(-1, dtype=torch.int32)
-    width = max(int(counts.max().item()), 1) if counts.numel() else 1
+    width = keep.shape[-1] if full_width else max(int(counts.max().item()), 1) if counts.numel() else 1
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :width]
     index = torch.where(torch.arange(width, device=keep.device) < counts[..., None], order, 0)
     return index.to(torch.int32).contiguous(), counts.contiguous()
