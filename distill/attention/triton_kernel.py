@@ -27,13 +27,12 @@ def runs_on(x: Tensor) -> bool:
     return x.is_cuda or (_INTERPRET and x.device.type == "cpu")
 
 
-def _configs(sizes: list[tuple[int, int]]) -> list[triton.Config]:
-    """Autotune space: (BLOCK_M, BLOCK_N) sub-blocks of a tile, warps and pipeline stages (one under the
-    interpreter, which only checks correctness)."""
+def _configs(options: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """Autotune space: (BLOCK_M, BLOCK_N) sub-blocks of a tile, warps, pipeline stages; chosen so that none
+    spills registers on sm_90 (checked by compiling for it). One config under the interpreter."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in sizes for w in (4, 8) for s in (2, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -43,48 +42,65 @@ def _prune(configs, named_args, **kwargs):
     return kept or [triton.Config({"BLOCK_M": min(block, 16), "BLOCK_N": min(block, 16)}, num_warps=4, num_stages=1)]
 
 
-@triton.autotune(configs=_configs([(128, 64), (128, 128), (64, 64), (64, 128)]),
-                 key=["N", "BLOCK", "D", "HAS_PAD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _fwd(Q, K, V, O, LSE, IDX, CNT, VALID, qk_scale,
+def _start(idx_row, it, total, SUB: tl.constexpr, BLOCK: tl.constexpr):
+    """First token of the ``it``-th (kept block, sub-block) pair of one index row (0 past the end). Each loop
+    loads the next start at the end of an iteration, so the tile loads of the next iteration depend only on a
+    loop-carried scalar and Triton's pipeliner multi-buffers them (as in FlexAttention's kernels)."""
+    subs = BLOCK // SUB
+    block = tl.load(idx_row + it // subs, mask=it < total, other=0)
+    return block * BLOCK + (it % subs) * SUB
+
+
+_KEY = ["N", "BLOCK", "D", "HAS_PAD", "IEEE"]
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    """tl.dot, exact fp32 for float32 inputs (the tests' reference precision), tensor-core precision otherwise."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.autotune(configs=_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3),
+                                   (64, 128, 4, 3)]),
+                 key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
          stride_b, stride_h, stride_n, s_ih, s_iq, s_ch,
-         H, N, MAXK,
+         H, N,
          BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per BLOCK_M queries: online softmax over the kept key blocks of their tile."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     base = b * stride_b + h * stride_h
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
+    offs = tl.arange(0, BLOCK_N)
+    tile_offsets = offs[:, None] * stride_n + dims[None, :]
     q = tl.load(Q + base + rows[:, None] * stride_n + dims[None, :])
     qblock = pid_m * BLOCK_M // BLOCK
-    count = tl.load(CNT + h * s_ch + qblock)
+    total = tl.load(CNT + h * s_ch + qblock) * (BLOCK // BLOCK_N)
     idx_row = IDX + h * s_ih + qblock * s_iq
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for j in range(0, count):
-        kblock = tl.load(idx_row + j)
-        for sub in range(0, BLOCK // BLOCK_N):
-            cols = kblock * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            k = tl.load(K + base + cols[:, None] * stride_n + dims[None, :])
-            v = tl.load(V + base + cols[:, None] * stride_n + dims[None, :])
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-            if HAS_PAD:
-                valid = tl.load(VALID + cols)
-                s = tl.where(valid[None, :] != 0, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+    start = _start(idx_row, 0, total, BLOCK_N, BLOCK)
+    for it in range(0, total):
+        k = tl.load(K + base + start * stride_n + tile_offsets)
+        v = tl.load(V + base + start * stride_n + tile_offsets)
+        s = _mm(q, tl.trans(k), IEEE) * qk_scale
+        if HAS_PAD:
+            s += tl.load(BIAS + start + offs)[None, :]  # 0 at real keys, -inf at padding
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+        start = _start(idx_row, it + 1, total, BLOCK_N, BLOCK)
     acc = acc / l_i[:, None]
     tl.store(O + base + rows[:, None] * stride_n + dims[None, :], acc.to(O.dtype.element_ty))
     tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i))
@@ -102,65 +118,54 @@ def _delta(O, DO, DELTA, stride_b, stride_h, stride_n, H, N, D: tl.constexpr, BL
     tl.store(DELTA + bh * N + rows, tl.sum(o * do, 1))
 
 
-@triton.autotune(configs=_configs([(64, 64), (64, 128), (32, 128), (128, 64)]),
-                 key=["N", "BLOCK", "D", "HAS_PAD"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs([(64, 128, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 3)]),
+                 key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, CNT, VALID, qk_scale, sm_scale,
+def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
               stride_b, stride_h, stride_n, s_ih, s_ik, s_ch,
-              H, N, MAXQ,
+              H, N,
               BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per BLOCK_N keys: loops over the query blocks that keep their block (transposed index)."""
+    """One program per BLOCK_N keys: loops over the query blocks that keep their tile (transposed index)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     base = b * stride_b + h * stride_h
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D)
+    offs = tl.arange(0, BLOCK_M)
+    tile_offsets = offs[:, None] * stride_n + dims[None, :]
     k = tl.load(K + base + cols[:, None] * stride_n + dims[None, :])
     v = tl.load(V + base + cols[:, None] * stride_n + dims[None, :])
-    if HAS_PAD:
-        valid = tl.load(VALID + cols) != 0
     kblock = pid_n * BLOCK_N // BLOCK
-    count = tl.load(CNT + h * s_ch + kblock)
+    total = tl.load(CNT + h * s_ch + kblock) * (BLOCK // BLOCK_M)
     idx_row = IDX + h * s_ih + kblock * s_ik
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    for i in range(0, count):
-        qblock = tl.load(idx_row + i)
-        for sub in range(0, BLOCK // BLOCK_M):
-            rows = qblock * BLOCK + sub * BLOCK_M + tl.arange(0, BLOCK_M)
-            q = tl.load(Q + base + rows[:, None] * stride_n + dims[None, :])
-            do = tl.load(DO + base + rows[:, None] * stride_n + dims[None, :])
-            lse = tl.load(LSE + bh * N + rows)
-            delta = tl.load(DELTA + bh * N + rows)
-            if IEEE:
-                st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # [BLOCK_N, BLOCK_M]
-            else:
-                st = tl.dot(k, tl.trans(q)) * qk_scale
-            pt = tl.exp2(st - lse[None, :])
-            if HAS_PAD:
-                pt = tl.where(valid[:, None], pt, 0.0)
-            if IEEE:
-                dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
-                dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
-            else:
-                dv += tl.dot(pt.to(do.dtype), do)
-                dpt = tl.dot(v, tl.trans(do))
-            dst = pt * (dpt - delta[None, :])
-            if IEEE:
-                dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
-            else:
-                dk += tl.dot(dst.to(q.dtype), q)
+    start = _start(idx_row, 0, total, BLOCK_M, BLOCK)
+    for it in range(0, total):
+        q = tl.load(Q + base + start * stride_n + tile_offsets)
+        do = tl.load(DO + base + start * stride_n + tile_offsets)
+        lse = tl.load(LSE + bh * N + start + offs)
+        delta = tl.load(DELTA + bh * N + start + offs)
+        st = _mm(k, tl.trans(q), IEEE) * qk_scale  # [BLOCK_N, BLOCK_M]
+        if HAS_PAD:
+            st += tl.load(BIAS + cols)[:, None]
+        pt = tl.exp2(st - lse[None, :])
+        dv += _mm(pt.to(do.dtype), do, IEEE)
+        dpt = _mm(v, tl.trans(do), IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk += _mm(dst.to(q.dtype), q, IEEE)
+        start = _start(idx_row, it + 1, total, BLOCK_M, BLOCK)
     tl.store(DK + base + cols[:, None] * stride_n + dims[None, :], (dk * sm_scale).to(DK.dtype.element_ty))
     tl.store(DV + base + cols[:, None] * stride_n + dims[None, :], dv.to(DV.dtype.element_ty))
 
 
-@triton.autotune(configs=_configs([(64, 64), (128, 64), (64, 128), (128, 128)]),
-                 key=["N", "BLOCK", "D", "HAS_PAD"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2)]),
+                 key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, VALID, qk_scale, sm_scale,
+def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
             stride_b, stride_h, stride_n, s_ih, s_iq, s_ch,
-            H, N, MAXK,
+            H, N,
             BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per BLOCK_M queries: loops over their kept key blocks."""
@@ -169,35 +174,28 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, VALID, qk_scale, sm_scale,
     base = b * stride_b + h * stride_h
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
+    offs = tl.arange(0, BLOCK_N)
+    tile_offsets = offs[:, None] * stride_n + dims[None, :]
     q = tl.load(Q + base + rows[:, None] * stride_n + dims[None, :])
     do = tl.load(DO + base + rows[:, None] * stride_n + dims[None, :])
     lse = tl.load(LSE + bh * N + rows)
     delta = tl.load(DELTA + bh * N + rows)
     qblock = pid_m * BLOCK_M // BLOCK
-    count = tl.load(CNT + h * s_ch + qblock)
+    total = tl.load(CNT + h * s_ch + qblock) * (BLOCK // BLOCK_N)
     idx_row = IDX + h * s_ih + qblock * s_iq
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    for j in range(0, count):
-        kblock = tl.load(idx_row + j)
-        for sub in range(0, BLOCK // BLOCK_N):
-            cols = kblock * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            k = tl.load(K + base + cols[:, None] * stride_n + dims[None, :])
-            v = tl.load(V + base + cols[:, None] * stride_n + dims[None, :])
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-                dp = tl.dot(do, tl.trans(v))
-            p = tl.exp2(s - lse[:, None])
-            if HAS_PAD:
-                valid = tl.load(VALID + cols)
-                p = tl.where(valid[None, :] != 0, p, 0.0)
-            ds = p * (dp - delta[:, None])
-            if IEEE:
-                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            else:
-                dq += tl.dot(ds.to(k.dtype), k)
+    start = _start(idx_row, 0, total, BLOCK_N, BLOCK)
+    for it in range(0, total):
+        k = tl.load(K + base + start * stride_n + tile_offsets)
+        v = tl.load(V + base + start * stride_n + tile_offsets)
+        s = _mm(q, tl.trans(k), IEEE) * qk_scale
+        if HAS_PAD:
+            s += tl.load(BIAS + start + offs)[None, :]
+        p = tl.exp2(s - lse[:, None])
+        dp = _mm(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, IEEE)
+        start = _start(idx_row, it + 1, total, BLOCK_N, BLOCK)
     tl.store(DQ + base + rows[:, None] * stride_n + dims[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
@@ -229,13 +227,15 @@ class _BlockSparseAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
-        valid = sparse.key_valid.to(device=q.device, dtype=torch.int8) if sparse.key_valid is not None else cnt
+        bias = cnt  # unused placeholder pointer when nothing is padded
+        if sparse.key_valid is not None:  # an additive bias: 0 at real keys, -inf at padding
+            bias = torch.zeros(n, device=q.device).masked_fill(~sparse.key_valid.to(q.device), float("-inf"))
         meta = dict(BLOCK=sparse.block, D=d, HAS_PAD=sparse.key_valid is not None, IEEE=q.dtype == torch.float32)
         grid = lambda cfg: (n // cfg["BLOCK_M"], b * h)  # noqa: E731
-        _fwd[grid](q, k, v, out, lse, idx, cnt, valid, scale * LOG2E, q.stride(0), q.stride(1), q.stride(2),
-                   s_ih, s_iq, s_ch, h, n, idx.shape[-1], **meta)
+        _fwd[grid](q, k, v, out, lse, idx, cnt, bias, scale * LOG2E, q.stride(0), q.stride(1), q.stride(2),
+                   s_ih, s_iq, s_ch, h, n, **meta)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.sparse, ctx.scale, ctx.meta, ctx.valid = sparse, scale, meta, valid
+        ctx.sparse, ctx.scale, ctx.meta, ctx.bias = sparse, scale, meta, bias
         return out
 
     @staticmethod
@@ -250,12 +250,12 @@ class _BlockSparseAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.q_index, q.device)
         _bwd_dkdv[lambda cfg: (n // cfg["BLOCK_N"], b * h)](
-            q, k, v, grad_out, dk, dv, lse, delta, idx, cnt, ctx.valid, scale * LOG2E, scale, *strides,
-            s_ih, s_iq, s_ch, h, n, idx.shape[-1], **meta)
+            q, k, v, grad_out, dk, dv, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
+            s_ih, s_iq, s_ch, h, n, **meta)
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
         _bwd_dq[lambda cfg: (n // cfg["BLOCK_M"], b * h)](
-            q, k, v, grad_out, dq, lse, delta, idx, cnt, ctx.valid, scale * LOG2E, scale, *strides,
-            s_ih, s_iq, s_ch, h, n, idx.shape[-1], **meta)
+            q, k, v, grad_out, dq, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
+            s_ih, s_iq, s_ch, h, n, **meta)
         return dq, dk, dv, None, None
 
 
