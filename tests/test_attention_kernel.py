@@ -116,3 +116,14 @@ def test_sparse_job_trains_on_gpu(tmp_path):
                                                             "data.pool=32", "data.batch_size=4"])
     out = train(job)
     assert (out / "attention.json").is_file()
+
+
+def test_autotune_configs_are_pruned_to_sub_blocks_of_the_tile():
+    import triton
+
+    from distill.attention.triton_kernel import _prune
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in [(128, 64), (64, 64), (64, 128)]]
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, {}, BLOCK=64)] == [(64, 64)]
+    assert len(_prune(configs, {}, BLOCK=128)) == 3
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, {}, BLOCK=32)] == [(16, 16)]

@@ -56,11 +56,12 @@ _KEY = ["N", "BLOCK", "D", "HAS_PAD", "IEEE"]
 
 
 @triton.jit
-def _mm(a, b, IEEE: tl.constexpr):
-    """tl.dot, exact fp32 for float32 inputs (the tests' reference precision), tensor-core precision otherwise."""
+def _mm(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` accumulated in place (wgmma on Hopper); exact fp32 for float32 inputs (the tests'
+    reference precision), tensor-core precision otherwise."""
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.autotune(configs=_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3),
@@ -75,7 +76,7 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
     """One program per BLOCK_M queries: online softmax over the kept key blocks of their tile."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    base = b * stride_b + h * stride_h
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h  # int64: large batches overflow int32
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
     offs = tl.arange(0, BLOCK_N)
@@ -91,14 +92,14 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
     for it in range(0, total):
         k = tl.load(K + base + start * stride_n + tile_offsets)
         v = tl.load(V + base + start * stride_n + tile_offsets)
-        s = _mm(q, tl.trans(k), IEEE) * qk_scale
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         if HAS_PAD:
             s += tl.load(BIAS + start + offs)[None, :]  # 0 at real keys, -inf at padding
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])  # one FMA per score
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
+        acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
         start = _start(idx_row, it + 1, total, BLOCK_N, BLOCK)
     acc = acc / l_i[:, None]
@@ -110,7 +111,7 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
 def _delta(O, DO, DELTA, stride_b, stride_h, stride_n, H, N, D: tl.constexpr, BLOCK_M: tl.constexpr):
     """rowsum(dO * O), the softmax backward's per-row term."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    base = (bh // H) * stride_b + (bh % H) * stride_h
+    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
     o = tl.load(O + base + rows[:, None] * stride_n + dims[None, :]).to(tl.float32)
@@ -129,13 +130,15 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scal
     """One program per BLOCK_N keys: loops over the query blocks that keep their tile (transposed index)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    base = b * stride_b + h * stride_h
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h  # int64: large batches overflow int32
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D)
     offs = tl.arange(0, BLOCK_M)
     tile_offsets = offs[:, None] * stride_n + dims[None, :]
     k = tl.load(K + base + cols[:, None] * stride_n + dims[None, :])
     v = tl.load(V + base + cols[:, None] * stride_n + dims[None, :])
+    if HAS_PAD:
+        bias = tl.load(BIAS + cols)  # 0 at real keys, -inf at padding
     kblock = pid_n * BLOCK_N // BLOCK
     total = tl.load(CNT + h * s_ch + kblock) * (BLOCK // BLOCK_M)
     idx_row = IDX + h * s_ih + kblock * s_ik
@@ -147,14 +150,14 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scal
         do = tl.load(DO + base + start * stride_n + tile_offsets)
         lse = tl.load(LSE + bh * N + start + offs)
         delta = tl.load(DELTA + bh * N + start + offs)
-        st = _mm(k, tl.trans(q), IEEE) * qk_scale  # [BLOCK_N, BLOCK_M]
+        st = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
         if HAS_PAD:
-            st += tl.load(BIAS + cols)[:, None]
-        pt = tl.exp2(st - lse[None, :])
-        dv += _mm(pt.to(do.dtype), do, IEEE)
-        dpt = _mm(v, tl.trans(do), IEEE)
+            st += bias[:, None]
+        pt = tl.exp2(st * qk_scale - lse[None, :])
+        dv = _mm(pt.to(do.dtype), do, dv, IEEE)
+        dpt = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
         dst = pt * (dpt - delta[None, :])
-        dk += _mm(dst.to(q.dtype), q, IEEE)
+        dk = _mm(dst.to(q.dtype), q, dk, IEEE)
         start = _start(idx_row, it + 1, total, BLOCK_M, BLOCK)
     tl.store(DK + base + cols[:, None] * stride_n + dims[None, :], (dk * sm_scale).to(DK.dtype.element_ty))
     tl.store(DV + base + cols[:, None] * stride_n + dims[None, :], dv.to(DV.dtype.element_ty))
@@ -171,7 +174,7 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
     """One program per BLOCK_M queries: loops over their kept key blocks."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    base = b * stride_b + h * stride_h
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h  # int64: large batches overflow int32
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
     offs = tl.arange(0, BLOCK_N)
@@ -188,13 +191,13 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
     for it in range(0, total):
         k = tl.load(K + base + start * stride_n + tile_offsets)
         v = tl.load(V + base + start * stride_n + tile_offsets)
-        s = _mm(q, tl.trans(k), IEEE) * qk_scale
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         if HAS_PAD:
             s += tl.load(BIAS + start + offs)[None, :]
-        p = tl.exp2(s - lse[:, None])
-        dp = _mm(do, tl.trans(v), IEEE)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        dp = _mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, IEEE)
+        dq = _mm(ds.to(k.dtype), k, dq, IEEE)
         start = _start(idx_row, it + 1, total, BLOCK_N, BLOCK)
     tl.store(DQ + base + rows[:, None] * stride_n + dims[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
 
