@@ -29,7 +29,7 @@ def runs_on(x: Tensor) -> bool:
 
 def _configs(options: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     """Autotune space: (BLOCK_M, BLOCK_N) sub-blocks of a tile, warps, pipeline stages; chosen so that none
-    spills registers on sm_90 (checked by compiling for it). One config under the interpreter."""
+    spills more than a few registers on sm_90 (checked by compiling for it). One config under the interpreter."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
@@ -52,7 +52,30 @@ def _start(idx_row, it, total, SUB: tl.constexpr, BLOCK: tl.constexpr):
     return block * BLOCK + (it % subs) * SUB
 
 
+@triton.jit
+def _walk(IDX, CNT, h, s_ih, s_row, s_ch, row, SUB: tl.constexpr, BLOCK: tl.constexpr):
+    """For block ``row`` of the pattern: its index row, its number of (kept block, sub-block) steps and the
+    first step's start token."""
+    total = tl.load(CNT + h * s_ch + row) * (BLOCK // SUB)
+    idx_row = IDX + h * s_ih + row * s_row
+    return idx_row, total, _start(idx_row, 0, total, SUB, BLOCK)
+
+
 _KEY = ["N", "BLOCK", "D", "HAS_PAD", "IEEE"]
+
+
+@triton.jit
+def _head(H, stride_b, stride_h):
+    """This program's (batch * head) index, head, and int64 offset of its slice (int32 overflows on big batches)."""
+    bh = tl.program_id(1)
+    h = bh % H
+    return bh, h, (bh // H).to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _ptrs(X, base, rows, stride_n, D: tl.constexpr):
+    """Pointers to the ``[len(rows), D]`` block of rows ``rows`` of one (batch, head) slice."""
+    return X + base + rows[:, None] * stride_n + tl.arange(0, D)[None, :]
 
 
 @triton.jit
@@ -74,21 +97,16 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
          BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per BLOCK_M queries: online softmax over the kept key blocks of their tile."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h  # int64: large batches overflow int32
+    pid_m = tl.program_id(0)
+    bh, h, base = _head(H, stride_b, stride_h)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, D)
     offs = tl.arange(0, BLOCK_N)
-    tile_offsets = offs[:, None] * stride_n + dims[None, :]
-    q = tl.load(Q + base + rows[:, None] * stride_n + dims[None, :])
-    qblock = pid_m * BLOCK_M // BLOCK
-    total = tl.load(CNT + h * s_ch + qblock) * (BLOCK // BLOCK_N)
-    idx_row = IDX + h * s_ih + qblock * s_iq
+    tile_offsets = _ptrs(0, 0, offs, stride_n, D)  # a kept sub-block's offsets from its first token
+    q = tl.load(_ptrs(Q, base, rows, stride_n, D))
+    idx_row, total, start = _walk(IDX, CNT, h, s_ih, s_iq, s_ch, pid_m * BLOCK_M // BLOCK, BLOCK_N, BLOCK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    start = _start(idx_row, 0, total, BLOCK_N, BLOCK)
     for it in range(0, total):
         k = tl.load(K + base + start * stride_n + tile_offsets)
         v = tl.load(V + base + start * stride_n + tile_offsets)
@@ -103,19 +121,18 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
         m_i = m_new
         start = _start(idx_row, it + 1, total, BLOCK_N, BLOCK)
     acc = acc / l_i[:, None]
-    tl.store(O + base + rows[:, None] * stride_n + dims[None, :], acc.to(O.dtype.element_ty))
+    tl.store(_ptrs(O, base, rows, stride_n, D), acc.to(O.dtype.element_ty))
     tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i))
 
 
 @triton.jit
 def _delta(O, DO, DELTA, stride_b, stride_h, stride_n, H, N, D: tl.constexpr, BLOCK_M: tl.constexpr):
     """rowsum(dO * O), the softmax backward's per-row term."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    pid_m = tl.program_id(0)
+    bh, h, base = _head(H, stride_b, stride_h)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, D)
-    o = tl.load(O + base + rows[:, None] * stride_n + dims[None, :]).to(tl.float32)
-    do = tl.load(DO + base + rows[:, None] * stride_n + dims[None, :]).to(tl.float32)
+    o = tl.load(_ptrs(O, base, rows, stride_n, D)).to(tl.float32)
+    do = tl.load(_ptrs(DO, base, rows, stride_n, D)).to(tl.float32)
     tl.store(DELTA + bh * N + rows, tl.sum(o * do, 1))
 
 
@@ -128,23 +145,18 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scal
               BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per BLOCK_N keys: loops over the query blocks that keep their tile (transposed index)."""
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h  # int64: large batches overflow int32
+    pid_n = tl.program_id(0)
+    bh, h, base = _head(H, stride_b, stride_h)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, D)
     offs = tl.arange(0, BLOCK_M)
-    tile_offsets = offs[:, None] * stride_n + dims[None, :]
-    k = tl.load(K + base + cols[:, None] * stride_n + dims[None, :])
-    v = tl.load(V + base + cols[:, None] * stride_n + dims[None, :])
+    tile_offsets = _ptrs(0, 0, offs, stride_n, D)
+    k = tl.load(_ptrs(K, base, cols, stride_n, D))
+    v = tl.load(_ptrs(V, base, cols, stride_n, D))
     if HAS_PAD:
         bias = tl.load(BIAS + cols)  # 0 at real keys, -inf at padding
-    kblock = pid_n * BLOCK_N // BLOCK
-    total = tl.load(CNT + h * s_ch + kblock) * (BLOCK // BLOCK_M)
-    idx_row = IDX + h * s_ih + kblock * s_ik
+    idx_row, total, start = _walk(IDX, CNT, h, s_ih, s_ik, s_ch, pid_n * BLOCK_N // BLOCK, BLOCK_M, BLOCK)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    start = _start(idx_row, 0, total, BLOCK_M, BLOCK)
     for it in range(0, total):
         q = tl.load(Q + base + start * stride_n + tile_offsets)
         do = tl.load(DO + base + start * stride_n + tile_offsets)
@@ -159,8 +171,8 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scal
         dst = pt * (dpt - delta[None, :])
         dk = _mm(dst.to(q.dtype), q, dk, IEEE)
         start = _start(idx_row, it + 1, total, BLOCK_M, BLOCK)
-    tl.store(DK + base + cols[:, None] * stride_n + dims[None, :], (dk * sm_scale).to(DK.dtype.element_ty))
-    tl.store(DV + base + cols[:, None] * stride_n + dims[None, :], dv.to(DV.dtype.element_ty))
+    tl.store(_ptrs(DK, base, cols, stride_n, D), (dk * sm_scale).to(DK.dtype.element_ty))
+    tl.store(_ptrs(DV, base, cols, stride_n, D), dv.to(DV.dtype.element_ty))
 
 
 @triton.autotune(configs=_configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2)]),
@@ -172,22 +184,17 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
             BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per BLOCK_M queries: loops over their kept key blocks."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h  # int64: large batches overflow int32
+    pid_m = tl.program_id(0)
+    bh, h, base = _head(H, stride_b, stride_h)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, D)
     offs = tl.arange(0, BLOCK_N)
-    tile_offsets = offs[:, None] * stride_n + dims[None, :]
-    q = tl.load(Q + base + rows[:, None] * stride_n + dims[None, :])
-    do = tl.load(DO + base + rows[:, None] * stride_n + dims[None, :])
+    tile_offsets = _ptrs(0, 0, offs, stride_n, D)  # a kept sub-block's offsets from its first token
+    q = tl.load(_ptrs(Q, base, rows, stride_n, D))
+    do = tl.load(_ptrs(DO, base, rows, stride_n, D))
     lse = tl.load(LSE + bh * N + rows)
     delta = tl.load(DELTA + bh * N + rows)
-    qblock = pid_m * BLOCK_M // BLOCK
-    total = tl.load(CNT + h * s_ch + qblock) * (BLOCK // BLOCK_N)
-    idx_row = IDX + h * s_ih + qblock * s_iq
+    idx_row, total, start = _walk(IDX, CNT, h, s_ih, s_iq, s_ch, pid_m * BLOCK_M // BLOCK, BLOCK_N, BLOCK)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    start = _start(idx_row, 0, total, BLOCK_N, BLOCK)
     for it in range(0, total):
         k = tl.load(K + base + start * stride_n + tile_offsets)
         v = tl.load(V + base + start * stride_n + tile_offsets)
@@ -199,7 +206,7 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
         ds = p * (dp - delta[:, None])
         dq = _mm(ds.to(k.dtype), k, dq, IEEE)
         start = _start(idx_row, it + 1, total, BLOCK_N, BLOCK)
-    tl.store(DQ + base + rows[:, None] * stride_n + dims[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
+    tl.store(_ptrs(DQ, base, rows, stride_n, D), (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse) -> None:
