@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += kernel_rows(shape, args.densities, tile, device, dtype, warmup, iters)
     model = []
     if not args.skip_model:
-        preset, latents, text_len = (("tiny-random", (3, 4, 16, 24), 8) if args.quick
+        preset, latents, text_len = (("tiny-random", (3, 2, 16, 16), 8) if args.quick
                                      else ("wan2.1-t2v-1.3b", (16, 21, 60, 104), 512))
         model = model_rows(preset, latents, text_len, args.model_density, tile, device, dtype,
                            warmup=1, iters=1 if args.quick else 3)
