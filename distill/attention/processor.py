@@ -51,32 +51,31 @@ class GridContext:
     def __init__(self, spec: AttentionSpec, patch_size: tuple[int, int, int]):
         self.spec, self.patch_size = spec, tuple(patch_size)
         self.grid: tuple[int, int, int] | None = None
-        self._patterns: dict[tuple, tuple[TileLayout, Tensor, Tensor | None]] = {}
+        self._patterns: dict[tuple, tuple[TileLayout, Tensor, BlockSparse | None]] = {}
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         self.grid = tuple(n // p for n, p in zip(x.shape[2:], self.patch_size))
 
-    def pattern(self, device: torch.device) -> tuple[TileLayout, Tensor, Tensor | None]:
-        """(layout, block keep mask or svg candidates, key_valid) for the current grid, built once per grid."""
+    def pattern(self, device: torch.device) -> tuple[TileLayout, Tensor, BlockSparse | None]:
+        """For the current grid, built once per grid: the layout, the block keep mask (svg: its candidates) and
+        the fixed pattern's BlockSparse (its index is then built once too; None for svg)."""
         if self.grid is None:
             raise RuntimeError("sparse attention processor called outside its transformer's forward (no grid)")
         key = (self.grid, str(device))
         if key not in self._patterns:
             layout = TileLayout(self.grid, tuple(self.spec.tile))
-            self._patterns[key] = (layout, block_pattern(self.spec, layout, device), layout.key_valid(device))
+            keep = block_pattern(self.spec, layout, device)
+            fixed = None if self.spec.pattern == "svg" else BlockSparse(keep, layout.block, layout.key_valid(device))
+            self._patterns[key] = (layout, keep, fixed)
         return self._patterns[key]
 
-    def sparse(self, q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, keep: Tensor,
-               key_valid: Tensor | None, scale: float) -> BlockSparse:
-        """The call's BlockSparse; for svg, per-head choices from this call's tile-major q, k, v."""
-        if self.spec.pattern == "svg":
-            keep = choose_heads(q, k, v, keep, layout.block, key_valid, self.spec.svg_samples, scale)
-            return BlockSparse(keep, layout.block, key_valid)
-        cached = getattr(self, "_sparse", None)  # fixed patterns: one BlockSparse (and its indices) per grid
-        if cached is None or cached[0] is not keep:
-            self._sparse = (keep, BlockSparse(keep, layout.block, key_valid))
-        return self._sparse[1]
+    def svg_pattern(self, q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, candidates: Tensor,
+                    scale: float) -> BlockSparse:
+        """Sparse VideoGen: per head, the candidate that best matches this call's tile-major q, k, v."""
+        key_valid = layout.key_valid(q.device)
+        keep = choose_heads(q, k, v, candidates, layout.block, key_valid, self.spec.svg_samples, scale)
+        return BlockSparse(keep, layout.block, key_valid)
 
 
 class SparseWanAttnProcessor:
@@ -106,9 +105,10 @@ class SparseWanAttnProcessor:
         if self.context.spec.pattern == "dense":
             heads_first = [x.transpose(1, 2) for x in (q, k, v)]
             return self.backend(*heads_first, None, scale).transpose(1, 2)
-        layout, keep, key_valid = self.context.pattern(q.device)
+        layout, keep, sparse = self.context.pattern(q.device)
         qt, kt, vt = (layout.to_tiles(x).transpose(1, 2) for x in (q, k, v))
-        sparse = self.context.sparse(qt, kt, vt, layout, keep, key_valid, scale)
+        if sparse is None:
+            sparse = self.context.svg_pattern(qt, kt, vt, layout, keep, scale)
         return layout.from_tiles(self.backend(qt, kt, vt, sparse, scale).transpose(1, 2))
 
 
