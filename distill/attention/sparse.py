@@ -58,6 +58,14 @@ class BlockSparse:
         return mask if self.key_valid is None else mask & self.key_valid[None, None, :]
 
     @cached_property
+    def key_bias(self) -> Tensor | None:
+        """Float ``[K * block]``: 0 at real keys, -inf at padding (added to scores); None without padding."""
+        if self.key_valid is None:
+            return None
+        return torch.zeros(self.key_valid.shape, device=self.key_valid.device).masked_fill(~self.key_valid,
+                                                                                             float("-inf"))
+
+    @cached_property
     def partial_blocks(self) -> Tensor | None:
         """Bool ``[K]``: key blocks holding padding (kernels mask inside them); None when there is none."""
         if self.key_valid is None:

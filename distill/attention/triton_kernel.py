@@ -237,9 +237,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
-        bias = cnt  # unused placeholder pointer when nothing is padded
-        if sparse.key_valid is not None:  # an additive bias: 0 at real keys, -inf at padding
-            bias = torch.zeros(n, device=q.device).masked_fill(~sparse.key_valid.to(q.device), float("-inf"))
+        bias = cnt if sparse.key_bias is None else sparse.key_bias.to(q.device)  # cnt: unused placeholder
         meta = dict(BLOCK=sparse.block, D=d, HAS_PAD=sparse.key_valid is not None, IEEE=q.dtype == torch.float32)
         grid = lambda cfg: (n // cfg["BLOCK_M"], b * h)  # noqa: E731
         _fwd[grid](q, k, v, out, lse, idx, cnt, bias, scale * LOG2E, q.stride(0), q.stride(1), q.stride(2),
