@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import re
 import time
@@ -69,17 +70,16 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
 
 
 def window_for_density(tiles: tuple[int, int, int], target: float) -> tuple[tuple[int, int, int], float]:
-    """The sliding tile window (tiles per axis) whose density is closest to ``target``; ties go to the window
-    with the most even spatial extent. Returns (window, actual density)."""
-    best = None
-    for wf in range(1, tiles[0] + 1):
-        for wh in range(1, tiles[1] + 1):
-            for ww in range(1, tiles[2] + 1):
-                d = math.prod(patterns.window_keep(n, w).float().mean().item() for n, w in zip(tiles, (wf, wh, ww)))
-                score = (abs(d - target), abs(wh / tiles[1] - ww / tiles[2]))
-                if best is None or score < best[0]:
-                    best = (score, (wf, wh, ww), d)
-    return best[1], best[2]
+    """The sliding tile window (tiles per axis) whose density is within a percent of the closest to ``target``
+    and, among those, covers the most even fraction of each axis (a local window in space and time).
+    Returns (window, actual density)."""
+    options = []
+    for window in itertools.product(*(range(1, n + 1) for n in tiles)):
+        covered = [patterns.window_keep(n, w).float().mean().item() for n, w in zip(tiles, window)]
+        options.append((abs(math.prod(covered) - target), max(covered) - min(covered), window, math.prod(covered)))
+    closest = min(o[0] for o in options)
+    _, _, window, density = min((o for o in options if o[0] <= closest + 0.01), key=lambda o: o[1])
+    return window, density
 
 
 def attention_call(backend: str, q, k, v, sparse: BlockSparse | None, passes: str) -> Callable[[], object]:
