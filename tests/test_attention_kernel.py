@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def compare(batch: int, heads: int, tiles: int, block: int, dim: int, shared: bool, padded: bool,
             device: str = "cpu", dtype: torch.dtype = torch.float32, backend=None) -> list[float]:
-    """Max errors of (out, dq, dk, dv) of ``backend(q, k, v, sparse, scale)`` (default: the Triton kernel) against float64 dense
-    attention under the token mask, relative to the reference's largest magnitude."""
+    """Max errors of (out, dq, dk, dv) of ``backend(q, k, v, sparse, scale)`` (default: the Triton kernel)
+    against float64 dense attention under the token mask, relative to the reference's largest magnitude."""
     from distill.attention.triton_kernel import block_sparse_attention
 
     g = torch.Generator().manual_seed(0)
@@ -45,9 +45,10 @@ def compare(batch: int, heads: int, tiles: int, block: int, dim: int, shared: bo
     def dense(q, k, v):
         return ((q @ k.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
+    qkv, grad = [x.to(dtype) for x in qkv], grad.to(dtype)  # the reference sees the same rounded inputs
     expected = run(dense, [x.double() for x in qkv], grad.double())
     backend = backend or block_sparse_attention
-    got = run(lambda q, k, v: backend(q, k, v, sparse, scale), [x.to(device, dtype) for x in qkv], grad.to(device, dtype))
+    got = run(lambda q, k, v: backend(q, k, v, sparse, scale), [x.to(device) for x in qkv], grad.to(device))
     return [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, expected)]
 
 
