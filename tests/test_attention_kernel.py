@@ -127,4 +127,4 @@ def test_autotune_configs_are_pruned_to_sub_blocks_of_the_tile():
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in [(128, 64), (64, 64), (64, 128)]]
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, {}, BLOCK=64)] == [(64, 64)]
     assert len(_prune(configs, {}, BLOCK=128)) == 3
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, {}, BLOCK=32)] == [(16, 16)]
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, {}, BLOCK=32)] == [(32, 32)]

@@ -39,7 +39,8 @@ def _prune(configs, named_args, **kwargs):
     """Sub-blocks must tile the pattern's block."""
     block = kwargs.get("BLOCK", named_args.get("BLOCK"))
     kept = [c for c in configs if block % c.kwargs["BLOCK_M"] == 0 and block % c.kwargs["BLOCK_N"] == 0]
-    return kept or [triton.Config({"BLOCK_M": min(block, 16), "BLOCK_N": min(block, 16)}, num_warps=4, num_stages=1)]
+    small = min(block, 64)  # tiles smaller than every listed sub-block: one sub-block per tile
+    return kept or [triton.Config({"BLOCK_M": small, "BLOCK_N": small}, num_warps=4, num_stages=2)]
 
 
 @triton.jit
