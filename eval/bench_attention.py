@@ -133,8 +133,9 @@ def kernel_rows(shape: Shape, densities: list[float], tile: tuple[int, int, int]
     g = torch.Generator(device=device).manual_seed(0)
     dense = [torch.randn(1, h, layout.tokens, d, device=device, dtype=dtype, generator=g).requires_grad_()
              for _ in range(3)]
-    tiled = [layout.to_tiles(x.detach().transpose(1, 2)).transpose(1, 2).contiguous().requires_grad_()
-             for x in dense]
+    # tile-major [B, N, H, D] memory seen as [B, H, N, D]: what the Wan processor passes (and FlexAttention,
+    # compiled for these strides here, is reused by the model rows)
+    tiled = [layout.to_tiles(x.detach().transpose(1, 2)).transpose(1, 2).requires_grad_() for x in dense]
     key_valid = layout.key_valid(device)
     rows, base = [], dict(tokens=layout.tokens, padded_tokens=layout.padded_tokens, heads=h, head_dim=d,
                           grid=list(shape.grid), tile=list(tile), dtype=str(dtype).replace("torch.", ""))

@@ -233,7 +233,8 @@ def _index_args(index: tuple[Tensor, Tensor], device: torch.device) -> tuple[Ten
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse, scale: float) -> Tensor:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):  # one stride set serves all
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, h, n, d = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
@@ -251,7 +252,8 @@ class _BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         sparse, scale, meta = ctx.sparse, ctx.scale, ctx.meta
-        grad_out = grad_out.contiguous()
+        if grad_out.stride() != q.stride():
+            grad_out = torch.empty_like(q).copy_(grad_out)
         b, h, n, d = q.shape
         strides = (q.stride(0), q.stride(1), q.stride(2))
         delta = torch.empty_like(lse)
@@ -269,6 +271,7 @@ class _BlockSparseAttention(torch.autograd.Function):
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse, scale: float | None = None) -> Tensor:
-    """Softmax attention of ``q, k, v`` ``[B, H, N, D]`` over the kept blocks of ``sparse`` (differentiable)."""
+    """Softmax attention of ``q, k, v`` ``[B, H, N, D]`` over the kept blocks of ``sparse`` (differentiable).
+    Strided views such as ``[B, N, H, D].transpose(1, 2)`` (the processor's layout) are read without a copy."""
     _check(q, k, v, sparse)
     return _BlockSparseAttention.apply(q, k, v, sparse, q.shape[-1] ** -0.5 if scale is None else scale)
