@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from distill.attention import AttentionSpec, BlockSparse, TileLayout, install, patterns, uninstall
 from distill.attention.backends import get_backend

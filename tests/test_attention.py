@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import teachers
 from distill import attention
@@ -161,7 +160,8 @@ def test_block_pattern_densities():
 def test_job_attention_table_is_validated_and_saved(tmp_path, wan):
     job = load_job(None, ["attention.backend='flex'", "attention.pattern='tile'", "attention.tile=[2,4,4]"])
     assert job.attention.active and job.attention.block == 32
-    for bad, key in [("attention.backend='xformers'", "attention.backend"), ("attention.tile=[3,4,4]", "attention.tile"),
+    for bad, key in [("attention.backend='xformers'", "attention.backend"),
+                     ("attention.tile=[3,4,4]", "attention.tile"),
                      ("attention.pattern='chunk_causal'", "chunk_frames"), ("attention.colour=1", "colour")]:
         with pytest.raises(ConfigError, match=key):
             load_job(None, [bad])

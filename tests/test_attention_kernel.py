@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def compare(batch: int, heads: int, tiles: int, block: int, dim: int, shared: bool, padded: bool,
-            device: str = "cpu", dtype: torch.dtype = torch.float32, backend=None, strided: bool = False) -> list[float]:
+            device: str = "cpu", dtype: torch.dtype = torch.float32, backend=None,
+            strided: bool = False) -> list[float]:
     """Max errors of (out, dq, dk, dv) of ``backend(q, k, v, sparse, scale)`` (default: the Triton kernel)
     against float64 dense attention under the token mask, relative to the reference's largest magnitude."""
     from distill.attention.triton_kernel import block_sparse_attention
@@ -130,3 +131,36 @@ def test_autotune_configs_are_pruned_to_sub_blocks_of_the_tile():
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, {}, BLOCK=64)] == [(64, 64)]
     assert len(_prune(configs, {}, BLOCK=128)) == 3
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, {}, BLOCK=32)] == [(32, 32)]
+
+
+def test_kernels_compile_for_hopper():
+    """Compile (no GPU needed: Triton's bundled ptxas) each kernel's first autotune config for sm_90 in bf16:
+    catches what the interpreter does not (layouts, wgmma operand types, shared memory), and checks that the
+    tile loads are software-pipelined (cp.async)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from distill.attention import triton_kernel as tk
+
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i32", "CNT": "*i32", "BIAS": "*fp32"}
+    tensors = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+    for kernel, (m, n, warps, stages) in [(tk._fwd, (128, 64, 8, 3)), (tk._bwd_dkdv, (64, 64, 8, 3)),
+                                          (tk._bwd_dq, (128, 64, 8, 2))]:
+        fn = kernel
+        while not isinstance(fn, JITFunction):
+            fn = fn.fn
+        consts = dict(BLOCK=128, D=128, HAS_PAD=True, IEEE=False, BLOCK_M=m, BLOCK_N=n)
+        signature = {a: "constexpr" if a in consts else pointers.get(a, "*bf16" if a in tensors
+                                                                   else "fp32" if "scale" in a else "i32")
+                     for a in fn.arg_names}
+        aligned = [i for i, a in enumerate(fn.arg_names)
+                   if signature[a].startswith("*") or a.startswith(("stride", "s_"))]  # as the JIT specialises
+        source = ASTSource(fn=fn, signature=signature,
+                           constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                           attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "num_stages": stages})
+        ptx = compiled.asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "cp.async" in ptx, fn.__name__
