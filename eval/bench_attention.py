@@ -266,8 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     notes = (f"batch 1, {dtype}; sliding tile windows (tile {list(tile)} tokens) chosen to hit the target densities, "
              "'density' = kept tile pairs / all tile pairs of the padded grid; tflops_kept counts kept blocks "
              f"(4*D per pair forward, x{1 + BWD_FACTOR} forward+backward); dense SDPA counts all pairs of the real "
-             f"tokens; warmup {warmup}, {iters} timed iterations (CUDA events). Model rows: {len(model) and 'Wan '}"
-             "random weights, t2v latents, fwdbwd with gradient checkpointing; 'kernel' says what ran.")
+             f"tokens; padded tokens of kept blocks count as work; warmup {warmup}, {iters} timed iterations (CUDA "
+             "events). Model rows (model_size): random weights, text-to-video latents, one call = one transformer "
+             "forward (fwdbwd: with gradient checkpointing), speedup against diffusers' own dense processor; "
+             "'kernel' says what actually ran (CPU falls back to the SDPA reference).")
     out = args.out or f"eval/results/attention_{gpu_slug(device)}.json"
     write_results(out, rows + model, device, notes)
     print(f"wrote {out}")
