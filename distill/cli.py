@@ -125,6 +125,7 @@ def _eval(args: argparse.Namespace) -> None:
     """Probe accuracy, FVD-probe and seconds per video of the teacher's Euler sampler at several step counts,
     and of a few-step student (a directory from ``distill train`` or ``distill export``) at subsets of its steps."""
     import teachers
+    from distill.attention import install_saved
     from distill.lora import load_student
     from distill.text import TextEncoder
     from distill.video import grid, to_uint8, upscale_nearest, write_gif
@@ -150,6 +151,7 @@ def _eval(args: argparse.Namespace) -> None:
         students.append((name, path))
     for name, path in students:
         student = load_student(path, base=teacher).to(device).eval()  # a LoRA adapts the teacher
+        install_saved(student, path)  # the sparse pattern it was trained with, if any
         trained = trained_method(path)
         for steps in args.student_steps:
             runs.append((name, trained["method"], steps, trained_sampler(student, trained, steps)))

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.attention.spec import AttentionSpec  # the [attention] table (distill/attention)
+
 
 class ConfigError(ValueError):
     """A job file or override is wrong; the message names the file and the key."""
@@ -170,6 +172,7 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
 
 
 _CHOICES = {
@@ -269,6 +272,12 @@ def validate(job: JobConfig, where: str = "job") -> JobConfig:
     if len(job.optim.betas) != 2:
         raise ConfigError(f"{where}: optim.betas must have two entries, got {job.optim.betas}")
     _validate_lora(job, where)
+    if job.lora.rank and job.attention.active:
+        raise ConfigError(f"{where}: [attention] with lora.rank > 0 would change the shared frozen base, and so the "
+                          "teacher; train sparse students as full-weight students")
+    attention_problems = job.attention.problems()
+    if attention_problems:
+        raise ConfigError(f"{where}: " + "; ".join(attention_problems))
     return job
 
 

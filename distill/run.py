@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import losses
 import teachers
+from distill import attention
 from distill.config import JobConfig
 from distill.data.batches import BatchSource
 from distill.schedule import make_schedule
@@ -37,6 +38,7 @@ def build_networks(job: JobConfig, method: Method, device: torch.device) -> tupl
         trainable, frozen = lora_networks(method, build_model(job), job.lora, device, DTYPES[job.model.dtype])
     else:
         trainable, frozen = method.networks(build_model(job))
+    attention.apply_to_roles(job.attention, {**trainable, **frozen})  # sparse attention (distill/attention)
     for net in frozen.values():
         net.requires_grad_(False).eval().to(device=device, dtype=DTYPES[job.model.dtype])
     return trainable, frozen
@@ -71,5 +73,7 @@ def train(job: JobConfig) -> Path:
         generator.save_pretrained(out, dtype=DTYPES[job.output.dtype])
     if dist.get_rank() == 0:
         (out / "method.json").write_text(json.dumps(method.describe(), indent=1))
+        if job.attention.active and "generator" in job.attention.roles:
+            attention.save_spec(job.attention, out)  # loaders re-install the pattern the student was trained with
     dist.barrier()
     return out

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from distill.attention import install_saved
 from distill.conditioning import Conditioning
 from distill.data.synthetic import caption, sample_labels
 from distill.schedule import euler_sample
@@ -76,6 +77,7 @@ def load_sampler(model_dir: str | Path, device: torch.device, guidance: float, t
         return causal_sampler(generator_from_model_dir(model_dir, device=device))
     model = load_student(model_dir) if is_lora_model(model_dir) else teachers.load_spec(str(model_dir))
     model = model.to(device).eval()
+    install_saved(model, model_dir)  # a student trained with sparse attention samples with it
     trained = trained_method(model_dir)
     if "timesteps" not in trained:
         return teacher_sampler(model, teacher_steps, guidance)

@@ -1,0 +1,277 @@
+"""Block-sparse attention in Triton, forward and backward, in the manner of FlashAttention-2 (Dao 2023):
+each program walks only the kept blocks of its row (forward, dq) or column (dk, dv) of the block mask,
+keeping the softmax online in fp32 with exp2 and the log2(e)-folded scale.
+
+Layout: q, k, v ``[B, H, N, D]`` (tile-major, N a multiple of the block), the kept key blocks per query block
+as a padded index ``[H or 1, Q, max_kept]`` plus counts ``[H or 1, Q]``, and the transpose of that index for
+the dk/dv kernel. Padded keys (tile-major padding) are masked inside the blocks that hold them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from distill.attention.sparse import BlockSparse
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def runs_on(x: Tensor) -> bool:
+    """Whether the kernel runs for this tensor: CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests)."""
+    return x.is_cuda or (_INTERPRET and x.device.type == "cpu")
+
+
+def _configs(options: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """Autotune space: (BLOCK_M, BLOCK_N) sub-blocks of a tile, warps, pipeline stages; chosen so that none
+    spills more than a few registers on sm_90 (checked by compiling for it). One config under the interpreter."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Sub-blocks must tile the pattern's block."""
+    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
+    kept = [c for c in configs if block % c.kwargs["BLOCK_M"] == 0 and block % c.kwargs["BLOCK_N"] == 0]
+    small = min(block, 64)  # tiles smaller than every listed sub-block: one sub-block per tile
+    return kept or [triton.Config({"BLOCK_M": small, "BLOCK_N": small}, num_warps=4, num_stages=2)]
+
+
+@triton.jit
+def _start(idx_row, it, total, SUB: tl.constexpr, BLOCK: tl.constexpr):
+    """First token of the ``it``-th (kept block, sub-block) pair of one index row (0 past the end). Each loop
+    loads the next start at the end of an iteration, so the tile loads of the next iteration depend only on a
+    loop-carried scalar and Triton's pipeliner multi-buffers them (as in FlexAttention's kernels)."""
+    subs = BLOCK // SUB
+    block = tl.load(idx_row + it // subs, mask=it < total, other=0)
+    return block * BLOCK + (it % subs) * SUB
+
+
+@triton.jit
+def _walk(IDX, CNT, h, s_ih, s_row, s_ch, row, SUB: tl.constexpr, BLOCK: tl.constexpr):
+    """For block ``row`` of the pattern: its index row, its number of (kept block, sub-block) steps and the
+    first step's start token."""
+    total = tl.load(CNT + h * s_ch + row) * (BLOCK // SUB)
+    idx_row = IDX + h * s_ih + row * s_row
+    return idx_row, total, _start(idx_row, 0, total, SUB, BLOCK)
+
+
+_KEY = ["N", "BLOCK", "D", "HAS_PAD", "IEEE"]
+
+
+@triton.jit
+def _head(H, stride_b, stride_h):
+    """This program's (batch * head) index, head, and int64 offset of its slice (int32 overflows on big batches)."""
+    bh = tl.program_id(1)
+    h = bh % H
+    return bh, h, (bh // H).to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _ptrs(X, base, rows, stride_n, D: tl.constexpr):
+    """Pointers to the ``[len(rows), D]`` block of rows ``rows`` of one (batch, head) slice."""
+    return X + base + rows[:, None] * stride_n + tl.arange(0, D)[None, :]
+
+
+@triton.jit
+def _mm(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` accumulated in place (wgmma on Hopper); exact fp32 for float32 inputs (the tests'
+    reference precision), tensor-core precision otherwise."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.autotune(configs=_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3),
+                                   (64, 128, 4, 3)]),
+                 key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
+         stride_b, stride_h, stride_n, s_ih, s_iq, s_ch,
+         H, N,
+         BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per BLOCK_M queries: online softmax over the kept key blocks of their tile."""
+    pid_m = tl.program_id(0)
+    bh, h, base = _head(H, stride_b, stride_h)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs = tl.arange(0, BLOCK_N)
+    tile_offsets = _ptrs(0, 0, offs, stride_n, D)  # a kept sub-block's offsets from its first token
+    q = tl.load(_ptrs(Q, base, rows, stride_n, D))
+    idx_row, total, start = _walk(IDX, CNT, h, s_ih, s_iq, s_ch, pid_m * BLOCK_M // BLOCK, BLOCK_N, BLOCK)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for it in range(0, total):
+        k = tl.load(K + base + start * stride_n + tile_offsets)
+        v = tl.load(V + base + start * stride_n + tile_offsets)
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        if HAS_PAD:
+            s += tl.load(BIAS + start + offs)[None, :]  # 0 at real keys, -inf at padding
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * qk_scale - m_new[:, None])  # one FMA per score
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
+        start = _start(idx_row, it + 1, total, BLOCK_N, BLOCK)
+    acc = acc / l_i[:, None]
+    tl.store(_ptrs(O, base, rows, stride_n, D), acc.to(O.dtype.element_ty))
+    tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i))
+
+
+@triton.jit
+def _delta(O, DO, DELTA, stride_b, stride_h, stride_n, H, N, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """rowsum(dO * O), the softmax backward's per-row term."""
+    pid_m = tl.program_id(0)
+    bh, h, base = _head(H, stride_b, stride_h)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = tl.load(_ptrs(O, base, rows, stride_n, D)).to(tl.float32)
+    do = tl.load(_ptrs(DO, base, rows, stride_n, D)).to(tl.float32)
+    tl.store(DELTA + bh * N + rows, tl.sum(o * do, 1))
+
+
+@triton.autotune(configs=_configs([(64, 128, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 3)]),
+                 key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
+              stride_b, stride_h, stride_n, s_ih, s_ik, s_ch,
+              H, N,
+              BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per BLOCK_N keys: loops over the query blocks that keep their tile (transposed index)."""
+    pid_n = tl.program_id(0)
+    bh, h, base = _head(H, stride_b, stride_h)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs = tl.arange(0, BLOCK_M)
+    tile_offsets = _ptrs(0, 0, offs, stride_n, D)
+    k = tl.load(_ptrs(K, base, cols, stride_n, D))
+    v = tl.load(_ptrs(V, base, cols, stride_n, D))
+    if HAS_PAD:
+        bias = tl.load(BIAS + cols)  # 0 at real keys, -inf at padding
+    idx_row, total, start = _walk(IDX, CNT, h, s_ih, s_ik, s_ch, pid_n * BLOCK_N // BLOCK, BLOCK_M, BLOCK)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for it in range(0, total):
+        q = tl.load(Q + base + start * stride_n + tile_offsets)
+        do = tl.load(DO + base + start * stride_n + tile_offsets)
+        lse = tl.load(LSE + bh * N + start + offs)
+        delta = tl.load(DELTA + bh * N + start + offs)
+        st = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
+        if HAS_PAD:
+            st += bias[:, None]
+        pt = tl.exp2(st * qk_scale - lse[None, :])
+        dv = _mm(pt.to(do.dtype), do, dv, IEEE)
+        dpt = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk = _mm(dst.to(q.dtype), q, dk, IEEE)
+        start = _start(idx_row, it + 1, total, BLOCK_M, BLOCK)
+    tl.store(_ptrs(DK, base, cols, stride_n, D), (dk * sm_scale).to(DK.dtype.element_ty))
+    tl.store(_ptrs(DV, base, cols, stride_n, D), dv.to(DV.dtype.element_ty))
+
+
+@triton.autotune(configs=_configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2)]),
+                 key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
+            stride_b, stride_h, stride_n, s_ih, s_iq, s_ch,
+            H, N,
+            BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per BLOCK_M queries: loops over their kept key blocks."""
+    pid_m = tl.program_id(0)
+    bh, h, base = _head(H, stride_b, stride_h)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs = tl.arange(0, BLOCK_N)
+    tile_offsets = _ptrs(0, 0, offs, stride_n, D)  # a kept sub-block's offsets from its first token
+    q = tl.load(_ptrs(Q, base, rows, stride_n, D))
+    do = tl.load(_ptrs(DO, base, rows, stride_n, D))
+    lse = tl.load(LSE + bh * N + rows)
+    delta = tl.load(DELTA + bh * N + rows)
+    idx_row, total, start = _walk(IDX, CNT, h, s_ih, s_iq, s_ch, pid_m * BLOCK_M // BLOCK, BLOCK_N, BLOCK)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for it in range(0, total):
+        k = tl.load(K + base + start * stride_n + tile_offsets)
+        v = tl.load(V + base + start * stride_n + tile_offsets)
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        if HAS_PAD:
+            s += tl.load(BIAS + start + offs)[None, :]
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        dp = _mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq = _mm(ds.to(k.dtype), k, dq, IEEE)
+        start = _start(idx_row, it + 1, total, BLOCK_N, BLOCK)
+    tl.store(_ptrs(DQ, base, rows, stride_n, D), (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse) -> None:
+    b, h, n, d = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one shape [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if d not in (16, 32, 64, 128) or sparse.block < 16 or sparse.block & (sparse.block - 1):
+        raise ValueError(f"head dim {d} must be 16/32/64/128 and block {sparse.block} a power of two >= 16")
+    if n != sparse.keep.shape[1] * sparse.block or sparse.keep.shape[1] != sparse.keep.shape[2]:
+        raise ValueError(f"{n} tokens do not match the pattern: {tuple(sparse.keep.shape)} blocks of {sparse.block}")
+    if sparse.heads not in (1, h):
+        raise ValueError(f"pattern has {sparse.heads} heads, q has {h}")
+
+
+def _index_args(index: tuple[Tensor, Tensor], device: torch.device) -> tuple[Tensor, Tensor, int, int, int]:
+    """Index, counts and their strides (head stride 0 when one pattern serves all heads)."""
+    idx, cnt = index[0].to(device), index[1].to(device)
+    shared = idx.shape[0] == 1
+    return idx, cnt, 0 if shared else idx.stride(0), idx.stride(1), 0 if shared else cnt.stride(0)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse, scale: float) -> Tensor:
+        if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):  # one stride set serves all
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        b, h, n, d = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
+        idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
+        bias = cnt if sparse.key_bias is None else sparse.key_bias.to(q.device)  # cnt: unused placeholder
+        meta = dict(BLOCK=sparse.block, D=d, HAS_PAD=sparse.key_valid is not None, IEEE=q.dtype == torch.float32)
+        grid = lambda cfg: (n // cfg["BLOCK_M"], b * h)  # noqa: E731
+        _fwd[grid](q, k, v, out, lse, idx, cnt, bias, scale * LOG2E, q.stride(0), q.stride(1), q.stride(2),
+                   s_ih, s_iq, s_ch, h, n, **meta)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.sparse, ctx.scale, ctx.meta, ctx.bias = sparse, scale, meta, bias
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        sparse, scale, meta = ctx.sparse, ctx.scale, ctx.meta
+        if grad_out.stride() != q.stride():
+            grad_out = torch.empty_like(q).copy_(grad_out)
+        b, h, n, d = q.shape
+        strides = (q.stride(0), q.stride(1), q.stride(2))
+        delta = torch.empty_like(lse)
+        _delta[(n // 16, b * h)](out, grad_out, delta, *strides, h, n, D=d, BLOCK_M=16)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.q_index, q.device)
+        _bwd_dkdv[lambda cfg: (n // cfg["BLOCK_N"], b * h)](
+            q, k, v, grad_out, dk, dv, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
+            s_ih, s_iq, s_ch, h, n, **meta)
+        idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
+        _bwd_dq[lambda cfg: (n // cfg["BLOCK_M"], b * h)](
+            q, k, v, grad_out, dq, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
+            s_ih, s_iq, s_ch, h, n, **meta)
+        return dq, dk, dv, None, None
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse, scale: float | None = None) -> Tensor:
+    """Softmax attention of ``q, k, v`` ``[B, H, N, D]`` over the kept blocks of ``sparse`` (differentiable).
+    Strided views such as ``[B, N, H, D].transpose(1, 2)`` (the processor's layout) are read without a copy."""
+    _check(q, k, v, sparse)
+    return _BlockSparseAttention.apply(q, k, v, sparse, q.shape[-1] ** -0.5 if scale is None else scale)

@@ -1,0 +1,166 @@
+"""The Triton block-sparse kernel against dense attention under the same mask: on CPU through Triton's
+interpreter (a subprocess, since TRITON_INTERPRET must be set before Triton compiles anything), and on the
+GPU in bf16 at kernel-sized blocks (``pytest -m gpu``)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.attention import BlockSparse
+from distill.attention.backends import flex
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compare(batch: int, heads: int, tiles: int, block: int, dim: int, shared: bool, padded: bool,
+            device: str = "cpu", dtype: torch.dtype = torch.float32, backend=None,
+            strided: bool = False) -> list[float]:
+    """Max errors of (out, dq, dk, dv) of ``backend(q, k, v, sparse, scale)`` (default: the Triton kernel)
+    against float64 dense attention under the token mask, relative to the reference's largest magnitude."""
+    from distill.attention.triton_kernel import block_sparse_attention
+
+    g = torch.Generator().manual_seed(0)
+    keep = (torch.rand(1 if shared else heads, tiles, tiles, generator=g) < 0.4) | torch.eye(tiles, dtype=torch.bool)
+    valid = None
+    if padded:
+        valid = torch.ones(tiles * block, dtype=torch.bool)
+        valid[block - 5:block] = False
+        valid[-3:] = False
+    sparse = BlockSparse(keep.to(device), block, None if valid is None else valid.to(device))
+    qkv = [torch.randn(batch, heads, tiles * block, dim, generator=g) for _ in range(3)]
+    grad = torch.randn(batch, heads, tiles * block, dim, generator=g)
+    scale = dim ** -0.5
+
+    def run(fn, tensors, grad):
+        if strided:  # [B, N, H, D] memory seen as [B, H, N, D], as the processor passes it
+            tensors = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in tensors]
+        tensors = [x.detach().requires_grad_(True) for x in tensors]
+        out = fn(*tensors)
+        out.backward(grad)
+        return [out.detach().double().cpu()] + [x.grad.double().cpu() for x in tensors]
+
+    mask = sparse.token_mask.cpu()
+
+    def dense(q, k, v):
+        return ((q @ k.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+    qkv, grad = [x.to(dtype) for x in qkv], grad.to(dtype)  # the reference sees the same rounded inputs
+    expected = run(dense, [x.double() for x in qkv], grad.double())
+    backend = backend or block_sparse_attention
+    got = run(lambda q, k, v: backend(q, k, v, sparse, scale), [x.to(device) for x in qkv], grad.to(device))
+    return [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, expected)]
+
+
+_SCRIPT = """
+import torch
+from tests.test_attention_kernel import compare
+for case in [(1, 2, 4, 16, 16, False, True), (2, 3, 3, 32, 32, True, False)]:
+    errors = compare(*case, strided=case[0] == 2)
+    assert max(errors) < 1e-5, (case, errors)
+print("ok")
+"""
+
+
+def test_triton_kernel_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block,dim,shared,padded", [(128, 128, True, True), (64, 128, False, False),
+                                                      (64, 64, True, False)])
+def test_triton_kernel_bf16_on_gpu(block, dim, shared, padded):
+    errors = compare(2, 4, 8, block, dim, shared, padded, device="cuda", dtype=torch.bfloat16, strided=shared)
+    assert max(errors) < 2e-2, errors
+    assert max(compare(1, 2, 4, block, dim, shared, padded, device="cuda")) < 1e-4  # float32 (ieee dots)
+
+
+@pytest.mark.gpu
+def test_flex_backward_on_gpu():
+    errors = compare(1, 2, 8, 128, 64, False, True, device="cuda", dtype=torch.bfloat16, backend=flex)
+    assert max(errors) < 2e-2, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_sparse_wan_on_gpu_matches_the_sdpa_reference(backend):
+    """The whole processor on CUDA (layout, padding, RoPE, kernel, backward) against the masked-SDPA reference."""
+    import teachers
+    from distill import attention
+    from distill.conditioning import Conditioning
+
+    model = teachers.load("wan", "tiny-random").cuda()
+    x, t = torch.randn(1, 3, 4, 30, 64, device="cuda"), torch.tensor([0.6], device="cuda")  # rows 15 -> 16 padded
+    cond = Conditioning(torch.randn(1, 6, 384, device="cuda"))
+    results = []
+    for name in ("sdpa", backend):
+        attention.install(model, attention.AttentionSpec(backend=name, pattern="tile", tile=[1, 8, 16],
+                                                         window=[3, 1, 1]))
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, cond)
+        out.square().mean().backward()
+        results.append((out.detach(), model.transformer.blocks[0].attn1.to_q.weight.grad.clone()))
+    (ref_out, ref_grad), (out, grad) = results
+    torch.testing.assert_close(out, ref_out, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(grad, ref_grad, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.gpu
+def test_sparse_job_trains_on_gpu(tmp_path):
+    from distill.config import load_job
+    from distill.run import train
+
+    job = load_job(ROOT / "jobs" / "sparse_tiny_dmd.toml", [f"output.dir='{tmp_path}'", "train.steps=3",
+                                                            "data.pool=32", "data.batch_size=4"])
+    out = train(job)
+    assert (out / "attention.json").is_file()
+
+
+def test_autotune_configs_are_pruned_to_sub_blocks_of_the_tile():
+    import triton
+
+    from distill.attention.triton_kernel import _prune
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in [(128, 64), (64, 64), (64, 128)]]
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, {}, BLOCK=64)] == [(64, 64)]
+    assert len(_prune(configs, {}, BLOCK=128)) == 3
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, {}, BLOCK=32)] == [(32, 32)]
+
+
+def test_kernels_compile_for_hopper():
+    """Compile (no GPU needed: Triton's bundled ptxas) each kernel's first autotune config for sm_90 in bf16:
+    catches what the interpreter does not (layouts, wgmma operand types, shared memory), and checks that the
+    tile loads are software-pipelined (cp.async)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from distill.attention import triton_kernel as tk
+
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i32", "CNT": "*i32", "BIAS": "*fp32"}
+    tensors = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+    for kernel, (m, n, warps, stages) in [(tk._fwd, (128, 64, 8, 3)), (tk._bwd_dkdv, (64, 64, 8, 3)),
+                                          (tk._bwd_dq, (128, 64, 8, 2))]:
+        fn = kernel
+        while not isinstance(fn, JITFunction):
+            fn = fn.fn
+        consts = dict(BLOCK=128, D=128, HAS_PAD=True, IEEE=False, BLOCK_M=m, BLOCK_N=n)
+        signature = {a: "constexpr" if a in consts else pointers.get(a, "*bf16" if a in tensors
+                                                                   else "fp32" if "scale" in a else "i32")
+                     for a in fn.arg_names}
+        aligned = [i for i, a in enumerate(fn.arg_names)
+                   if signature[a].startswith("*") or a.startswith(("stride", "s_"))]  # as the JIT specialises
+        source = ASTSource(fn=fn, signature=signature,
+                           constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                           attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "num_stages": stages})
+        ptx = compiled.asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "cp.async" in ptx, fn.__name__
