@@ -3,7 +3,7 @@
 import torch
 
 from distill.conditioning import Conditioning
-from losses.dmd import frozen
+from losses.common import frozen
 from teachers.wan import WanDenoiser
 
 
