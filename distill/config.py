@@ -268,6 +268,9 @@ def validate(job: JobConfig, where: str = "job") -> JobConfig:
     if job.data.kind in ("shards", "ode_pairs") and not job.data.path:
         raise ConfigError(f"{where}: data.kind = {job.data.kind!r} needs data.path (a shard directory)")
     _validate_methods(job.method, where)
+    if job.method.weights.get("regression", 0.0) > 0 and job.data.kind != "ode_pairs":
+        raise ConfigError(f"{where}: method.weights.regression > 0 regresses onto teacher ODE pairs: set data.kind = "
+                          "'ode_pairs' (shards from `distill ode-pairs`)")
     _validate_student(job, where)
     if len(job.optim.betas) != 2:
         raise ConfigError(f"{where}: optim.betas must have two entries, got {job.optim.betas}")

@@ -31,6 +31,10 @@ class CausalDMDMethod(DMDMethod):
     student: StudentConfig = field(default_factory=lambda: StudentConfig(causal=True))
     data: DataConfig = field(default_factory=DataConfig)
 
+    @property
+    def chunk_frames(self) -> int:
+        return self.student.chunk_frames
+
     def networks(self, model: Denoiser) -> tuple[Networks, Networks]:
         trainable, frozen = super().networks(model)
         trainable["generator"] = make_causal_student(model, self.student.chunk_frames, self.student.init)

@@ -22,6 +22,7 @@ from losses.adversarial import clean_pair
 from losses.base import Logs, Networks
 from losses.common import randn_like, student_sample, uniform
 from losses.flow_matching import denoising_loss
+from losses.regression import regression_loss
 from teachers.base import Denoiser
 
 
@@ -34,14 +35,15 @@ def dmd_loss(x0: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
     return 0.5 * torch.mean((x0.float() - target.float()) ** 2)
 
 
-DMD_TERMS = ("dmd",)
+DMD_TERMS = ("dmd", "regression")
 
 
 @dataclass
 class DMDMethod:
     """DMD2 with a ``generator`` (student), a ``critic`` (fake score) and the frozen ``teacher``.
 
-    ``weights``: ``dmd`` (the distribution-matching term). DMD2's GAN term is the adversarial term of
+    ``weights``: ``dmd`` (the distribution-matching term) and ``regression`` (DMD's regression of the student's
+    ``x0`` onto the teacher's ODE endpoints; needs ``data.kind = "ode_pairs"``). DMD2's GAN term is the adversarial term of
     losses/adversarial.py added by ``method.weights.gan`` (``losses.build``), with its heads on the critic's
     features where ``method.adversarial.backbone = "critic"``.
     """
@@ -68,6 +70,8 @@ class DMDMethod:
     def describe(self) -> dict:
         return {"method": "dmd", "timesteps": self.times, "guidance": self.guidance}
 
+    chunk_frames = 0  # frames per chunk of a causal student (losses/causal_dmd.py); 0: bidirectional
+
     def sample(self, student: Denoiser, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
         """The student's backward-simulated sample ``x0`` (a causal student overrides how it is made)."""
         return student_sample(student, batch, self.times, generator, grad)
@@ -83,7 +87,12 @@ class DMDMethod:
             real = teacher.denoise(x_t, t, batch.cond, guidance=self.guidance)
             fake = critic.denoise(x_t, t, batch.cond)
         loss = self.weights["dmd"] * dmd_loss(x0, real, fake)
-        logs = {"loss": loss.item(), "real_fake_gap": (real - fake).abs().mean().item()}
+        logs = {"real_fake_gap": (real - fake).abs().mean().item()}
+        if self.weights.get("regression", 0.0) > 0:  # DMD's regression on teacher ODE pairs (data.kind = ode_pairs)
+            regression = regression_loss(student, batch, self.times, generator, self.chunk_frames)
+            loss = loss + self.weights["regression"] * regression
+            logs["regression"] = regression.item()
+        logs["loss"] = loss.item()
         return loss, logs, x0, torch.zeros_like(t)
 
     def real_and_fake(self, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

@@ -42,18 +42,26 @@ class RegressionMethod:
         return described
 
     def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]:
-        trajectory, x0 = batch.extra.get("trajectory"), batch.latents
-        if trajectory is None or x0 is None:
-            raise ValueError("regression needs ODE-pair batches (trajectory and latents): data.kind = 'ode_pairs'")
-        B, K, _, T = trajectory.shape[:4]
-        if K != len(self.times):
-            raise ValueError(f"trajectory has {K} states per sample but the student has {len(self.times)} steps "
-                             f"({self.times}); write the pairs with --student-steps {len(self.times)}")
-        chunk = self.student.chunk_frames if self.student.causal else T
-        steps = chunk_steps(B, T, chunk, K, generator).to(x0.device)  # [B, T]
-        index = steps[:, None, None, :, None, None].expand(-1, 1, *trajectory.shape[2:])
-        x_t = trajectory.gather(1, index).squeeze(1)
-        t = torch.tensor(self.times, device=x0.device)[steps]
-        pred = nets["generator"].denoise(x_t, t if self.student.causal else t[:, 0], batch.cond)
-        loss = torch.mean((pred.float() - x0.float()) ** 2)
+        chunk = self.student.chunk_frames if self.student.causal else 0
+        loss = regression_loss(nets["generator"], batch, self.times, generator, chunk)
         return loss, {"loss": loss.item()}
+
+
+def regression_loss(student: Denoiser, batch: Batch, times: list[float], generator: torch.Generator,
+                    chunk_frames: int = 0) -> Tensor:
+    """MSE between the student's ``x0`` from a recorded trajectory state and the teacher's ``x0``; with
+    ``chunk_frames`` > 0 (a causal student) every chunk is taken at its own step. Also DMD's optional
+    regression term (DMD, Yin et al. 2024)."""
+    trajectory, x0 = batch.extra.get("trajectory"), batch.latents
+    if trajectory is None or x0 is None:
+        raise ValueError("regression needs ODE-pair batches (trajectory and latents): data.kind = 'ode_pairs'")
+    B, K, _, T = trajectory.shape[:4]
+    if K != len(times):
+        raise ValueError(f"trajectory has {K} states per sample but the student has {len(times)} steps "
+                         f"({times}); write the pairs with --student-steps {len(times)}")
+    steps = chunk_steps(B, T, chunk_frames or T, K, generator).to(x0.device)  # [B, T]
+    index = steps[:, None, None, :, None, None].expand(-1, 1, *trajectory.shape[2:])
+    x_t = trajectory.gather(1, index).squeeze(1)
+    t = torch.tensor(times, device=x0.device)[steps]
+    pred = student.denoise(x_t, t if chunk_frames else t[:, 0], batch.cond)
+    return torch.mean((pred.float() - x0.float()) ** 2)
