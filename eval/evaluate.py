@@ -94,7 +94,8 @@ def generate(sampler: Sampler, captions: list[str], text_encoder: TextEncoder, s
              progress: bool = True) -> tuple[Tensor, float]:
     """Videos ``[N, C, T, H, W]`` (float32, CPU) for the captions, and the sampling wall time in seconds.
 
-    Noise is seeded per batch, so two samplers given the same seed start from the same noise. Text encoding
+    Noise is seeded per batch, so two samplers given the same seed start from the same noise, and a stochastic
+    sampler draws the same re-noising noise wherever it runs in a process. Text encoding
     is outside the timed region; a warm-up call precedes it.
     """
     negative, negative_mask = text_encoder.encode([negative_prompt])
@@ -109,6 +110,7 @@ def generate(sampler: Sampler, captions: list[str], text_encoder: TextEncoder, s
         with torch.no_grad():
             if start == 0:
                 sampler(cond.index(slice(0, 1)), noise[:1])  # warm-up: kernels, allocator, caches
+            torch.manual_seed(seed * 1_000_003 + start)  # samplers that re-noise draw from the global generator
             _sync(device)
             began = time.perf_counter()
             video = sampler(cond, noise)
