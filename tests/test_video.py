@@ -1,8 +1,8 @@
 """Tests for distill/video.py: PyAV mp4/gif writing and reading, conversions, grids."""
 
-import av
 import numpy as np
 import pytest
+av = pytest.importorskip("av")  # PyAV; absent on some GPU images
 import torch
 
 from distill.video import VideoWriter, grid, read_video, to_uint8, upscale_nearest, write_gif, write_video
