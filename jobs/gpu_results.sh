@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU runs behind eval/results/*.json on one H100, as they were run (four calls of at most 10 minutes):
+#   jobs/gpu_results.sh students   # 11 tiny-domain jobs side by side, 4.3 minutes of training each, + ODE pairs/regression
+#   jobs/gpu_results.sh evaluate   # dmd_tiny, lora_tiny, sparse_tiny, methods_tiny (512 prompts each)
+#   jobs/gpu_results.sh causal     # causal DMD (diffusion forcing, self-forcing) from the regression student; causal_tiny
+#   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks, each alone on the GPU
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+R=runs/methods; C=runs/causal_tiny; MIN=${MIN:-4.3}; NUM=${NUM:-512}
+mkdir -p $R/logs
+train() {  # NAME JOB [--set ...]: one job in the background, stopped by train.max_minutes
+  local name=$1 job=$2; shift 2
+  python -m distill.cli train "$job" --set "output.dir='$R/$name'" --set train.steps=100000 \
+    --set train.max_minutes=$MIN --set train.checkpoint_every=100000 "$@" > $R/logs/$name.log 2>&1 &
+}
+case "${1:-}" in
+  students)
+    for s in 1 4; do train dmd_s$s jobs/tiny_dmd.toml --set method.student_steps=$s; done
+    train dmd_gan_s1 jobs/tiny_dmd_gan.toml --set method.student_steps=1
+    for s in 1 2 4; do train cd_s$s jobs/tiny_cd.toml --set method.student_steps=$s; done
+    train cd_gan_s1 jobs/tiny_cd_gan.toml --set method.student_steps=1
+    train lora jobs/lora_tiny_dmd.toml --set data.batch_size=32 --set data.pool=8192 --set train.ema_decay=0.99
+    train sparse jobs/sparse_tiny_dmd.toml --set data.batch_size=32 --set data.pool=8192 --set train.ema_decay=0.99
+    python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num 2048 --student-steps 4 --teacher-steps 48 \
+      --guidance 4 --dtype float16 --batch-size 128 > $R/logs/pairs.log 2>&1
+    python -m distill.cli train jobs/causal_tiny_ode.toml --set train.max_minutes=2.8 > $R/logs/ode.log 2>&1
+    wait ;;
+  evaluate)
+    E=(--num $NUM --device cuda)
+    python -m distill.cli eval --teacher tiny --student $R/dmd_s4/model --steps 50 4 2 1 --student-steps 4 2 1 "${E[@]}" \
+      --out eval/results/dmd_tiny.json --grid eval/results/dmd_tiny_grid.npy --scale 1 > $R/logs/eval_dmd.log 2>&1 &
+    python -m distill.cli eval --teacher tiny --steps 50 --student $R/lora/model --student-name lora \
+      --also-student full=$R/dmd_s4/model --student-steps 4 2 1 "${E[@]}" --out eval/results/lora_tiny.json \
+      > $R/logs/eval_lora.log 2>&1 &
+    python -m eval.compare_students --student sparse=$R/sparse/model --student dense=$R/dmd_s4/model \
+      --student-steps 4 2 1 "${E[@]}" --out eval/results/sparse_tiny.json > $R/logs/eval_sparse.log 2>&1 &
+    python -m eval.compare_methods $R/{cd,cd_gan,dmd,dmd_gan}_s*/model "${E[@]}" --out eval/results/methods_tiny.json \
+      > $R/logs/eval_methods.log 2>&1 &
+    wait ;;
+  causal)
+    T=(--set train.max_minutes=4.0 --set train.checkpoint_every=100000)
+    python -m distill.cli train jobs/causal_tiny_df.toml "${T[@]}" > $R/logs/causal_df.log 2>&1 &
+    python -m distill.cli train jobs/causal_tiny_sf.toml "${T[@]}" > $R/logs/causal_sf.log 2>&1 &
+    wait
+    python eval/windows.py --teacher tiny --bidirectional $R/dmd_s4/model --causal dmd_df=$C/df/model \
+      --causal dmd_sf=$C/sf/model --causal regression=$C/ode/model --windows 0 1 4 --num 256 --device cuda \
+      --out eval/results/causal_tiny.json ;;
+  bench)
+    python eval/bench_attention.py --shapes 480p
+    python eval/bench_memory.py
+    python eval/bench_streaming.py ;;
+  *) echo "usage: $0 students|evaluate|causal|bench" >&2; exit 2 ;;
+esac
