@@ -22,6 +22,10 @@ def device_name(device: torch.device | str) -> str:
 
 
 def git_commit() -> str:
+    """HEAD of this checkout (``+dirty`` with uncommitted changes); ``DISTILL_GIT_COMMIT`` wins where it is set, for
+    copies of the tree whose ``.git`` is missing or stale (the GPU machine's)."""
+    if os.environ.get("DISTILL_GIT_COMMIT"):
+        return os.environ["DISTILL_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parents[1])
@@ -29,7 +33,7 @@ def git_commit() -> str:
                                text=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DISTILL_GIT_COMMIT", "unknown")  # set it where the tree travels without .git
+        return "unknown"
 
 
 def command_line() -> str:
