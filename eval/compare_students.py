@@ -16,7 +16,7 @@ import torch
 from distill.attention import TileLayout, install_saved, load_spec
 from distill.attention.processor import block_pattern
 from distill.attention.spec import AttentionSpec
-from eval.evaluate import evaluate, student_sampler, teacher_sampler, trained_method
+from eval.evaluate import evaluate, teacher_sampler, trained_method, trained_sampler
 from eval.results import write_results
 
 
@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import teachers
-    from distill.students import step_subset
     from distill.text import TextEncoder
     from eval.probe import Probe, reference_features
 
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         fields = pattern_fields(load_spec(path), tuple(student.config.patch_size), *size)
         for steps in args.student_steps:
             runs.append(({"model": name, "method": trained["method"], "steps": steps, "path": str(path), **fields},
-                         student_sampler(student, step_subset(trained["timesteps"], steps))))
+                         trained_sampler(student, trained, steps)))
     rows = []
     for meta, sampler in runs:
         result = evaluate(sampler, probe, encoder, args.num, device, *size, args.batch_size, real_features=real)
