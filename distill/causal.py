@@ -35,7 +35,7 @@ from torch import Tensor
 
 from distill.conditioning import Conditioning
 from distill.schedule import Schedule
-from distill.students import _noise_like, make_student
+from distill.students import noise_like, make_student
 from teachers.wan import WanDenoiser
 
 
@@ -286,7 +286,7 @@ def denoise_chunk(step: Callable[[Tensor, float], Tensor], noise: Tensor, times:
         with torch.set_grad_enabled(grad_step == k and torch.is_grad_enabled()):
             x0 = step(x, times[k])
         if k < last:
-            x = schedule.add_noise(x0.detach(), _noise_like(x0, generator), times[k + 1])
+            x = schedule.add_noise(x0.detach(), noise_like(x0, generator), times[k + 1])
     return x0
 
 
@@ -352,7 +352,7 @@ def forcing_rollout(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning,
             t = table[frame_steps.clamp(max=k)]
             x0 = model.denoise(x, t, cond)
             advance = (frame_steps > k)[:, None, :, None, None]
-            x = torch.where(advance, model.schedule.add_noise(x0, _noise_like(x0, generator),
+            x = torch.where(advance, model.schedule.add_noise(x0, noise_like(x0, generator),
                                                               table[k + 1]), x)
     return x, table[frame_steps]
 

@@ -125,11 +125,9 @@ def _eval(args: argparse.Namespace) -> None:
     """Probe accuracy, FVD-probe and seconds per video of the teacher's Euler sampler at several step counts,
     and of a few-step student (a directory from ``distill train`` or ``distill export``) at subsets of its steps."""
     import teachers
-    from distill.attention import install_saved
-    from distill.lora import load_student
     from distill.text import TextEncoder
     from distill.video import grid, to_uint8, upscale_nearest, write_gif
-    from eval.evaluate import evaluate, teacher_sampler, trained_method, trained_sampler
+    from eval.evaluate import evaluate, load_samplers, teacher_sampler, trained_method
     from eval.probe import Probe, reference_features
     from eval.results import write_results
 
@@ -150,11 +148,9 @@ def _eval(args: argparse.Namespace) -> None:
             raise ValueError(f"--also-student {spec!r}: expected NAME=DIR")
         students.append((name, path))
     for name, path in students:
-        student = load_student(path, base=teacher).to(device).eval()  # a LoRA adapts the teacher
-        install_saved(student, path)  # the sparse pattern it was trained with, if any
-        trained = trained_method(path)
-        for steps in args.student_steps:
-            runs.append((name, trained["method"], steps, trained_sampler(student, trained, steps)))
+        method = trained_method(path)["method"]  # a LoRA student adapts the teacher given here
+        samplers = load_samplers(path, device, args.guidance, args.student_steps, base=teacher)
+        runs += [(name, method, steps, sampler) for steps, sampler in zip(args.student_steps, samplers)]
     rows, strips = [], []
     for model, method, steps, sampler in runs:
         result = evaluate(sampler, probe, encoder, args.num, device, args.frames, args.height, args.width,
@@ -208,7 +204,7 @@ def _demo(args: argparse.Namespace) -> None:
     from distill.run import train
     from distill.text import TextEncoder
     from distill.video import grid, to_uint8, upscale_nearest, write_gif
-    from eval.evaluate import evaluate, teacher_sampler, trained_method, trained_sampler
+    from eval.evaluate import evaluate, load_sampler, teacher_sampler, trained_method
     from eval.probe import Probe, reference_features
 
     dev = _device(args.device)
@@ -220,7 +216,6 @@ def _demo(args: argparse.Namespace) -> None:
     times = trained_method(student_dir)["timesteps"]
 
     teacher = teachers.load("tiny").to(dev).eval()
-    student = teachers.load("wan", str(student_dir)).to(dev).eval()
     probe, encoder = Probe.load(device=dev), TextEncoder.from_pretrained(device=dev)
     # The 50-step teacher is slow on a CPU, so it is measured on fewer prompts; FVD-probe depends on the
     # number of videos, so only rows with the same count compare on it (the student and the naive sampler).
@@ -228,7 +223,7 @@ def _demo(args: argparse.Namespace) -> None:
         f"teacher ({args.teacher_steps} steps)": (teacher_sampler(teacher, args.teacher_steps, job.method.guidance),
                                                  args.num_teacher),
         f"naive ({len(times)} steps)": (teacher_sampler(teacher, len(times), job.method.guidance), args.num),
-        f"student ({len(times)} steps)": (trained_sampler(student, trained_method(student_dir)), args.num),
+        f"student ({len(times)} steps)": (load_sampler(student_dir, dev, job.method.guidance), args.num),
     }
     rows, strips = {}, []
     for name, (sampler, num) in samplers.items():

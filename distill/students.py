@@ -40,7 +40,8 @@ def make_student(teacher: Denoiser) -> Denoiser:
     return student
 
 
-def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def noise_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn from ``generator`` (on its device) and moved to ``x``'s."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device).to(x.device, x.dtype)
 
@@ -61,7 +62,7 @@ def rollout(student: Denoiser, noise: Tensor, cond: Conditioning, times: list[fl
                 x = student.schedule.step(x, t, times[k + 1], student(x, t, cond))
                 continue
             x0 = student.denoise(x, t, cond)
-            x = student.schedule.add_noise(x0, _noise_like(x0, generator), times[k + 1])
+            x = student.schedule.add_noise(x0, noise_like(x0, generator), times[k + 1])
     return x
 
 

@@ -15,7 +15,7 @@ import torch
 
 import teachers
 from distill.text import TextEncoder
-from eval.evaluate import evaluate, teacher_sampler, trained_method, trained_sampler
+from eval.evaluate import evaluate, load_samplers, teacher_sampler, trained_method
 from eval.probe import Probe, reference_features
 from eval.results import write_results
 
@@ -94,10 +94,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for path in args.models:
         directory = model_dir(path)
         method, record = trained_method(directory), training_record(directory)
-        student = teachers.load("wan", str(directory)).to(device).eval()
         name = directory.parent.name if directory.name == "model" else directory.name
-        for steps in eval_steps(method, args.steps):
-            sampler = trained_sampler(student, method, steps)
+        counts = eval_steps(method, args.steps)
+        for steps, sampler in zip(counts, load_samplers(directory, device, args.guidance, counts)):
             runs.append(({"model": name, "method": method["method"], "steps": steps,
                           "trained_steps": len(method["timesteps"]), "dir": str(directory), **record}, sampler))
     rows = []

@@ -9,14 +9,15 @@ its dense twin (eval/results/sparse_tiny.json).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
-from distill.attention import TileLayout, install_saved, load_spec
+from distill.attention import TileLayout, load_spec
 from distill.attention.processor import block_pattern
 from distill.attention.spec import AttentionSpec
-from eval.evaluate import evaluate, teacher_sampler, trained_method, trained_sampler
+from eval.evaluate import evaluate, load_samplers, teacher_sampler, trained_method
 from eval.results import write_results
 
 
@@ -73,12 +74,12 @@ def main(argv: list[str] | None = None) -> None:
                       "attention": "dense", "density": 1.0},
                      teacher_sampler(teacher, args.teacher_steps, args.guidance)))
     for name, path in students:
-        trained = trained_method(path)
-        student = install_saved(teachers.load_spec(str(path)).to(device).eval(), path)  # its trained attention
-        fields = pattern_fields(load_spec(path), tuple(student.config.patch_size), *size)
-        for steps in args.student_steps:
-            runs.append(({"model": name, "method": trained["method"], "steps": steps, "path": str(path), **fields},
-                         trained_sampler(student, trained, steps)))
+        method = trained_method(path)["method"]
+        patch = tuple(json.loads((path / "config.json").read_text())["patch_size"])
+        fields = pattern_fields(load_spec(path), patch, *size)
+        samplers = load_samplers(path, device, args.guidance, args.student_steps)  # with its trained attention
+        runs += [({"model": name, "method": method, "steps": steps, "path": str(path), **fields}, sampler)
+                 for steps, sampler in zip(args.student_steps, samplers)]
     rows = []
     for meta, sampler in runs:
         result = evaluate(sampler, probe, encoder, args.num, device, *size, args.batch_size, real_features=real)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,23 +65,37 @@ def trained_method(model_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_sampler(model_dir: str | Path, device: torch.device, guidance: float, teacher_steps: int = 50) -> Sampler:
-    """A model directory's sampler: a student's step list when it has one, else Euler with CFG."""
+def load_samplers(model_dir: str | Path, device: torch.device, guidance: float, steps: Sequence[int | None] = (None,),
+                  base: Denoiser | None = None, teacher_steps: int = 50) -> list[Sampler]:
+    """A model directory's samplers, one per entry of ``steps`` (None: all of a student's steps), from one load:
+    the one way every command loads a model directory. A student samples with its step list, a plain model with
+    Euler and CFG; a causal student generates chunk by chunk with its KV cache, a LoRA student is merged into
+    ``base`` (default: the base its ``lora.json`` records), and a student trained with sparse attention samples
+    with it."""
     import teachers
     from distill.lora import is_lora_model, load_student
 
-    if trained_method(model_dir).get("causal"):  # a causal student generates chunk by chunk with its KV cache
+    trained = trained_method(model_dir)
+    if trained.get("causal"):
         from distill.stream import generator_from_model_dir
         from eval.windows import causal_sampler
 
-        return causal_sampler(generator_from_model_dir(model_dir, device=device))
-    model = load_student(model_dir) if is_lora_model(model_dir) else teachers.load_spec(str(model_dir))
+        own = len(trained["timesteps"])
+        if any(s not in (None, own) for s in steps):
+            raise ValueError(f"{model_dir}: a causal student samples only with its own {own} steps, not {list(steps)}")
+        sampler = causal_sampler(generator_from_model_dir(model_dir, device=device))
+        return [sampler for _ in steps]
+    model = load_student(model_dir, base=base) if is_lora_model(model_dir) else teachers.load_spec(str(model_dir))
     model = model.to(device).eval()
-    install_saved(model, model_dir)  # a student trained with sparse attention samples with it
-    trained = trained_method(model_dir)
+    install_saved(model, model_dir)
     if "timesteps" not in trained:
-        return teacher_sampler(model, teacher_steps, guidance)
-    return trained_sampler(model, trained)
+        return [teacher_sampler(model, teacher_steps, guidance) for _ in steps]
+    return [trained_sampler(model, trained, s) for s in steps]
+
+
+def load_sampler(model_dir: str | Path, device: torch.device, guidance: float, teacher_steps: int = 50) -> Sampler:
+    """A model directory's sampler with all of its steps (see :func:`load_samplers`)."""
+    return load_samplers(model_dir, device, guidance, teacher_steps=teacher_steps)[0]
 
 
 def _sync(device: torch.device) -> None:

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.conditioning import Batch
-from distill.students import make_student
+from distill.students import make_student, noise_like
 from losses.base import Logs, Method, Networks
-from losses.common import FeatureHead, frozen, randn_like, student_sample
+from losses.common import FeatureHead, frozen, student_sample
 from teachers.base import Denoiser
 
 LOSSES = ("hinge", "non_saturating")
@@ -113,7 +113,7 @@ class Adversarial:
         low = level.clamp_min(self.t_min)
         u = schedule.sample_training_time((x.shape[0],), generator, generator.device, self.time_distribution)
         t = low + (torch.maximum(low, torch.full_like(low, self.t_max)) - low) * u.to(x.device)
-        return schedule.renoise(x, level, t, randn_like(x, generator)), t
+        return schedule.renoise(x, level, t, noise_like(x, generator)), t
 
     def _logits(self, nets: Networks, x_t: Tensor, t: Tensor, batch: Batch) -> Tensor:
         discriminator = nets["discriminator"]
@@ -130,7 +130,7 @@ class Adversarial:
             loss = discriminator_objective(real_logits, fake_logits, self.kind)
             logs = {"real_logit": real_logits.mean().item(), "fake_logit": fake_logits.mean().item()}
             if self.r1_weight > 0:
-                perturbed = real_t + self.r1_sigma * randn_like(real_t, generator)
+                perturbed = real_t + self.r1_sigma * noise_like(real_t, generator)
                 r1 = (self._logits(nets, perturbed, t_real, batch) - real_logits).pow(2).mean()
                 loss = loss + self.r1_weight * r1
                 logs["r1"] = r1.item()

@@ -13,11 +13,6 @@ from distill.students import rollout
 from teachers.base import Denoiser
 
 
-def randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Standard normal noise shaped like ``x``, drawn from ``generator`` (on its device) and moved to ``x``'s."""
-    return torch.randn(x.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
-
-
 def uniform(n: int, low: float | Tensor, high: float | Tensor, generator: torch.Generator,
             device: torch.device) -> Tensor:
     """``n`` draws, uniform in ``[low, high]`` (bounds may be per-sample tensors)."""

@@ -19,9 +19,8 @@ from torch import Tensor, nn
 
 from distill.conditioning import Batch
 from distill.schedule import Schedule
-from distill.students import make_student
+from distill.students import make_student, noise_like
 from losses.base import Logs, Networks
-from losses.common import randn_like
 from losses.perceptual import lpips_frames
 from teachers.base import Denoiser
 
@@ -107,7 +106,7 @@ class ConsistencyMethod:
         j, j_next, edge = phase_draw(len(self.grid) - 1, self.phases, self.skip, x0.shape[0], generator)
         grid = torch.tensor(self.grid, device=x0.device)
         t, t_next, s = grid[j.to(x0.device)], grid[j_next.to(x0.device)], grid[edge.to(x0.device)]
-        x_t = schedule.add_noise(x0, randn_like(x0, generator), t)
+        x_t = schedule.add_noise(x0, noise_like(x0, generator), t)
         return x_t, t, t_next, s, (j_next == edge).to(x0.device)
 
     def generator_loss(self, nets: Networks, batch: Batch,
@@ -137,7 +136,7 @@ class ConsistencyMethod:
         x_t, t, _, s, _ = self._start(batch, student.schedule, generator)
         with torch.no_grad():
             fake = student.schedule.step(x_t, t, s, student(x_t, t, batch.cond))
-        real = student.schedule.add_noise(batch.latents, randn_like(batch.latents, generator), s)
+        real = student.schedule.add_noise(batch.latents, noise_like(batch.latents, generator), s)
         return real, fake, s
 
     def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]:

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from distill.conditioning import Batch
-from distill.students import make_student
+from distill.students import make_student, noise_like
 from losses.adversarial import clean_pair
 from losses.base import Logs, Networks
-from losses.common import randn_like, student_sample, uniform
+from losses.common import student_sample, uniform
 from losses.flow_matching import denoising_loss
 from losses.regression import regression_loss
 from teachers.base import Denoiser
@@ -82,7 +82,7 @@ class DMDMethod:
         student, critic, teacher = nets["generator"], nets["critic"], nets["teacher"]
         x0 = self.sample(student, batch, generator, grad=True)
         t = uniform(x0.shape[0], self.t_min, self.t_max, generator, x0.device)
-        x_t = teacher.schedule.add_noise(x0.detach(), randn_like(x0, generator), t)
+        x_t = teacher.schedule.add_noise(x0.detach(), noise_like(x0, generator), t)
         with torch.no_grad():
             real = teacher.denoise(x_t, t, batch.cond, guidance=self.guidance)
             fake = critic.denoise(x_t, t, batch.cond)
@@ -104,7 +104,7 @@ class DMDMethod:
             x0 = self.sample(nets["generator"], batch, generator, grad=False)
             schedule = nets["teacher"].schedule
             t = schedule.sample_training_time((x0.shape[0],), generator, generator.device, self.time_distribution)
-            loss = denoising_loss(nets["critic"], x0, batch.cond, t.to(x0.device), randn_like(x0, generator))
+            loss = denoising_loss(nets["critic"], x0, batch.cond, t.to(x0.device), noise_like(x0, generator))
             return loss, {"loss": loss.item(), "denoise": loss.item()}
         loss, logs, _, _ = self.generator_loss(nets, batch, generator)
         return loss, logs
