@@ -296,6 +296,9 @@ def _validate_lora(job: JobConfig, where: str) -> None:
                           "pissa or olora rewrite the base weights, which the frozen teacher shares)")
     if not lora.rank:
         return
+    if job.method.name == "cd":
+        raise ConfigError(f"{where}: method.name = 'cd' keeps a frozen EMA target of the generator, which LoRA mode "
+                          "cannot hold yet (it would be the bare base, i.e. the teacher); use lora.rank = 0")
     if not lora.target_modules:
         raise ConfigError(f"{where}: lora.target_modules is empty; name the linear layers to adapt")
     if lora.init == "orthogonal" and lora.rank % 2:
@@ -330,6 +333,9 @@ def _validate_student(job: JobConfig, where: str) -> None:
                           "'ode_pairs' (shards from `distill ode-pairs`)")
     if not student.causal:
         return
+    if job.attention.active:
+        raise ConfigError(f"{where}: student.causal = true installs its own chunk-causal attention with a KV cache; "
+                          "an [attention] pattern would replace it (leave [attention] dense for causal students)")
     if job.method.name not in ("dmd", "regression"):
         raise ConfigError(f"{where}: student.causal = true works with method.name 'dmd' or 'regression', "
                           f"got {job.method.name!r}")

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from distill.attention.spec import SAVED_NAME
 from distill.lora import LORA_FILE, LORA_META, is_lora_model, load_student
 from distill.schedule import schedule_from_dict
 
@@ -52,6 +53,8 @@ def export_diffusers(model_dir: str | Path, out_dir: str | Path) -> Path:
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
     (out / "method.json").write_text(json.dumps(method, indent=1))
+    if (model_dir / SAVED_NAME).is_file():  # a sparse student keeps the attention it was trained with
+        shutil.copy2(model_dir / SAVED_NAME, out / SAVED_NAME)
     (out / "README.md").write_text(_model_card(method, schedule.shift, times))
     return out
 

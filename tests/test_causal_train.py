@@ -32,6 +32,8 @@ def test_student_settings_are_validated():
         load_job(JOB, ["method.name='regression'"])
     with pytest.raises(ConfigError, match="works with method.name"):
         load_job(JOB, ["method.name='flow'"])
+    with pytest.raises(ConfigError, match="would replace it"):
+        load_job(JOB, ["attention.pattern='tile'"])
 
 
 def test_forcing_rollout_leaves_chunks_at_their_drawn_steps():

@@ -90,6 +90,8 @@ def test_lora_settings_are_validated():
         load_job(JOBS / "tiny_dmd.toml", ["lora.rank=4", "deepspeed.zero_stage=3"])
     with pytest.raises(ConfigError, match="lora: unknown key"):
         load_job(JOBS / "tiny_dmd.toml", ["lora.rnak=4"])
+    with pytest.raises(ConfigError, match="EMA target"):
+        load_job(JOBS / "tiny_cd.toml", ["lora.rank=4"])
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import teachers
 from distill.attention import TileLayout, install_saved, installed_spec, load_spec, patterns
 from distill.conditioning import Conditioning
 from distill.config import load_job
+from distill.export import export_diffusers
 from distill.run import train
 from eval.compare_students import main as compare
 
@@ -36,6 +37,8 @@ def test_sparse_student_trains_saves_and_evaluates_with_its_pattern(tmp_path):
     dense_out = sparse(x, t, cond)
     assert installed_spec(install_saved(sparse, student_dir)) == job.attention
     assert not torch.allclose(sparse(x, t, cond), dense_out, atol=1e-4)
+    exported = export_diffusers(student_dir, tmp_path / "exported")  # the pattern travels with the export
+    assert load_spec(exported) == job.attention
     out = tmp_path / "sparse.json"
     compare(["--student", f"sparse={student_dir}", "--num", "4", "--batch-size", "4", "--frames", "4",
              "--teacher-steps", "0", "--student-steps", "4", "1", "--device", "cpu", "--out", str(out)])
