@@ -21,7 +21,6 @@ from torch import Tensor
 from distill.causal import causal_description, chunk_steps, forcing_rollout, make_causal_student, stream_sample
 from distill.conditioning import Batch
 from distill.config import DataConfig, StudentConfig
-from losses.base import Networks
 from losses.dmd import DMDMethod
 from teachers.base import Denoiser
 
@@ -35,10 +34,8 @@ class CausalDMDMethod(DMDMethod):
     def chunk_frames(self) -> int:
         return self.student.chunk_frames
 
-    def networks(self, model: Denoiser) -> tuple[Networks, Networks]:
-        trainable, frozen = super().networks(model)
-        trainable["generator"] = make_causal_student(model, self.student.chunk_frames, self.student.init)
-        return trainable, frozen
+    def make_generator(self, model: Denoiser) -> Denoiser:
+        return make_causal_student(model, self.student.chunk_frames, self.student.init)
 
     def describe(self) -> dict:
         return {**super().describe(), "causal": causal_description(self.student, self.data)}

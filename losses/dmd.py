@@ -64,8 +64,12 @@ class DMDMethod:
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
 
+    def make_generator(self, model: Denoiser) -> Denoiser:
+        """The student the generator starts as (a causal student overrides it)."""
+        return make_student(model)
+
     def networks(self, model: Denoiser) -> tuple[Networks, Networks]:
-        return {"generator": make_student(model), "critic": make_student(model)}, {"teacher": model}
+        return {"generator": self.make_generator(model), "critic": make_student(model)}, {"teacher": model}
 
     def describe(self) -> dict:
         return {"method": "dmd", "timesteps": self.times, "guidance": self.guidance}

@@ -104,14 +104,14 @@ class BatchSource:
         return Batch(latents, self._conditioning(text, mask), captions, samples["labels"], shape, self._ode_pairs(samples))
 
     def _ode_pairs(self, samples: dict) -> dict[str, torch.Tensor]:
-        """``noise`` and ``trajectory`` of teacher ODE-pair shards (``distill ode-pairs``)."""
+        """The ``trajectory`` of teacher ODE-pair shards (``distill ode-pairs``), for the regression losses."""
         if self.data.kind != "ode_pairs":
             return {}
         missing = [k for k in ("noise", "trajectory", "latents") if k not in samples]
         if missing:
             raise ValueError(f"{self.data.path}: data.kind = 'ode_pairs' but the samples have no {missing} "
                              "(write them with `distill ode-pairs`)")
-        return {k: samples[k].float().to(self.device) for k in ("noise", "trajectory")}
+        return {"trajectory": samples["trajectory"].float().to(self.device)}  # its first state is the noise
 
     def get(self, n: int) -> Batch:
         return self._synthetic(n) if self.data.kind == "synthetic" else self._shard(n)
