@@ -4,8 +4,6 @@
 #   jobs/gpu_results.sh evaluate   # dmd_tiny, lora_tiny, sparse_tiny, methods_tiny (512 prompts each)
 #   jobs/gpu_results.sh causal     # causal DMD (diffusion forcing, self-forcing) from the regression student; causal_tiny
 #   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks, each alone on the GPU
-# and on one H200 (a later session):
-#   jobs/gpu_results.sh long       # four method jobs side by side (not eleven), MIN minutes each; methods_tiny_long
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -48,16 +46,9 @@ case "${1:-}" in
     python eval/windows.py --teacher tiny --bidirectional $R/dmd_s4/model --causal dmd_df=$C/df/model \
       --causal dmd_sf=$C/sf/model --causal regression=$C/ode/model --windows 0 1 4 --num 256 --device cuda \
       --out eval/results/causal_tiny.json ;;
-  long)
-    for s in 1 4; do train cd_s$s jobs/tiny_cd.toml --set method.student_steps=$s; done
-    train cd_gan_s1 jobs/tiny_cd_gan.toml --set method.student_steps=1
-    train dmd_gan_s1 jobs/tiny_dmd_gan.toml --set method.student_steps=1
-    wait
-    python -m eval.compare_methods $R/{cd_s1,cd_s4,cd_gan_s1,dmd_gan_s1}/model --num $NUM --device cuda \
-      --out eval/results/methods_tiny_long.json ;;
   bench)
     python eval/bench_attention.py --shapes 480p
     python eval/bench_memory.py
     python eval/bench_streaming.py ;;
-  *) echo "usage: $0 students|evaluate|causal|long|bench" >&2; exit 2 ;;
+  *) echo "usage: $0 students|evaluate|causal|bench" >&2; exit 2 ;;
 esac
