@@ -336,6 +336,10 @@ def _validate_student(job: JobConfig, where: str) -> None:
     if job.attention.active:
         raise ConfigError(f"{where}: student.causal = true installs its own chunk-causal attention with a KV cache; "
                           "an [attention] pattern would replace it (leave [attention] dense for causal students)")
+    if job.lora.rank:
+        raise ConfigError(f"{where}: student.causal = true with lora.rank > 0 is not supported: the causal student "
+                          "swaps the attention processors of its own copy of the teacher, which a LoRA view on the "
+                          "shared frozen base does not have; train causal students in full (lora.rank = 0)")
     if job.method.name not in ("dmd", "regression"):
         raise ConfigError(f"{where}: student.causal = true works with method.name 'dmd' or 'regression', "
                           f"got {job.method.name!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -137,8 +138,8 @@ class LoraView(Denoiser):
 
     Only the adapter's modules (``self.lora``) and what a method attaches (e.g. DMD2's GAN head) are
     registered, so ``parameters()``, ``.to()`` and a DeepSpeed engine see nothing of the shared base.
-    Attributes of the base (``features``, ``feature_dim``, ...) are reachable here, and its methods run with
-    this view's adapter active.
+    Attributes and sub-modules of the base (``feature_dim``, ``transformer``, ...) are reachable here as they
+    are, and its methods (``features``, ...) run with this view's adapter active.
     """
 
     def __init__(self, shared: SharedBase):
@@ -168,7 +169,7 @@ class LoraView(Denoiser):
             if "shared" not in self.__dict__:
                 raise
         value = getattr(self.__dict__["shared"].base, name)
-        if not callable(value):
+        if not inspect.ismethod(value):  # attributes and sub-modules as they are; only methods switch adapters
             return value
 
         def with_adapter(*args, **kwargs):
@@ -258,16 +259,15 @@ def merge_lora(model: nn.Module, lora: dict[str, Tensor]) -> nn.Module:
     return model
 
 
-def load_student(path: str | Path, base: Denoiser | None = None, family: str = "wan",
-                 dtype: torch.dtype = torch.float32) -> Denoiser:
-    """A student from a model directory: a full one (``config.json``) as it is, a LoRA one merged into a
-    copy of ``base`` (default: the base recorded in its ``lora.json``) with the student's schedule."""
+def load_student(path: str | Path, base: Denoiser | None = None, dtype: torch.dtype = torch.float32) -> Denoiser:
+    """A LoRA student directory merged into a copy of ``base`` (default: the base recorded in its ``lora.json``),
+    with the student's schedule."""
     import teachers
     from distill.schedule import schedule_from_dict
 
     path = Path(path)
     if not is_lora_model(path):
-        return teachers.load(family, str(path), dtype=dtype)
+        raise FileNotFoundError(f"{path} is not a LoRA student directory (needs {LORA_META} and {LORA_FILE})")
     schedule = schedule_from_dict(json.loads((path / "schedule.json").read_text()))
     if base is None:
         recorded = json.loads((path / LORA_META).read_text())["base"]

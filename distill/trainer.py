@@ -167,21 +167,19 @@ class Trainer:
             engine.step()
         return {f"{role}/{k}": v for k, v in logs.items()}
 
-    def _update_ema(self) -> None:
-        decay = self.job.train.ema_decay
-        params = dict(self.nets["generator"].named_parameters())
+    @staticmethod
+    def _move_averages(averages: dict[str, torch.Tensor], source: nn.Module, decay: float) -> None:
+        """``average <- decay * average + (1 - decay) * parameter`` for each named parameter of ``source``: the
+        generator's EMA and the methods' frozen targets are the same update."""
+        params = dict(source.named_parameters())
         with gathered(list(params.values())), torch.no_grad():
-            for name, avg in self.ema.items():
-                avg.lerp_(params[name].detach().float(), 1 - decay)
+            for name, average in averages.items():
+                average.lerp_(params[name].detach().to(average.dtype), 1 - decay)
 
     def _update_targets(self, role: str) -> None:
         for name, (source, decay) in self.targets.items():
-            if source != role:
-                continue
-            params = dict(self.nets[source].named_parameters())
-            with gathered(list(params.values())), torch.no_grad():
-                for key, p in self.nets[name].named_parameters():
-                    p.lerp_(params[key].detach().to(p.dtype), 1 - decay)
+            if source == role:
+                self._move_averages(dict(self.nets[name].named_parameters()), self.nets[source], decay)
 
     def train_step(self) -> dict[str, float]:
         logs: dict[str, float] = {}
@@ -191,7 +189,7 @@ class Trainer:
                 logs.update(self._update(role, update))
             self._update_targets(role)
         if self.ema:
-            self._update_ema()
+            self._move_averages(self.ema, self.nets["generator"], self.job.train.ema_decay)
         self.step += 1
         return logs
 

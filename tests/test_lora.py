@@ -92,6 +92,16 @@ def test_lora_settings_are_validated():
         load_job(JOBS / "tiny_dmd.toml", ["lora.rnak=4"])
     with pytest.raises(ConfigError, match="EMA target"):
         load_job(JOBS / "tiny_cd.toml", ["lora.rank=4"])
+    with pytest.raises(ConfigError, match="causal = true with lora.rank > 0"):
+        load_job(JOBS / "tiny_causal.toml", ["lora.rank=4"])
+
+
+def test_views_reach_base_modules_as_they_are_and_load_student_takes_only_lora_dirs(tmp_path):
+    teacher, generator, _ = _views()
+    assert generator.transformer is teacher.shared.base.transformer  # a module, not a wrapped call
+    assert generator.transformer.config.num_layers == teacher.shared.base.config.num_layers
+    with pytest.raises(FileNotFoundError, match="not a LoRA student directory"):
+        load_student(tmp_path)
 
 
 @pytest.fixture
