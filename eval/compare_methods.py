@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-import teachers
 from distill.text import TextEncoder
-from eval.evaluate import evaluate, load_samplers, teacher_sampler, trained_method
+from eval.evaluate import evaluate_runs, load_samplers, teacher_run, trained_method
 from eval.probe import Probe, reference_features
 from eval.results import write_results
 
@@ -86,11 +85,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     probe, encoder = Probe.load(device=device), TextEncoder.from_pretrained(device=device)
     real = reference_features(probe, args.num, args.frames, args.height, args.width)
-    runs = []
-    if args.teacher_steps:
-        teacher = teachers.load_spec(args.teacher).to(device).eval()
-        runs.append(({"model": "teacher", "method": "flow", "steps": args.teacher_steps, "train_minutes": None},
-                     teacher_sampler(teacher, args.teacher_steps, args.guidance)))
+    runs = [teacher_run(args.teacher, args.teacher_steps, args.guidance, device, train_minutes=None)
+            ] if args.teacher_steps else []
     for path in args.models:
         directory = model_dir(path)
         method, record = trained_method(directory), training_record(directory)
@@ -99,14 +95,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for steps, sampler in zip(counts, load_samplers(directory, device, args.guidance, counts)):
             runs.append(({"model": name, "method": method["method"], "steps": steps,
                           "trained_steps": len(method["timesteps"]), "dir": str(directory), **record}, sampler))
-    rows = []
-    for row, sampler in runs:
-        result = evaluate(sampler, probe, encoder, args.num, device, args.frames, args.height, args.width,
-                          args.batch_size, real_features=real)
-        result.pop("videos")
-        rows.append({**row, **result})
-        print(f"{row['model']:16s} {row['method']:8s} steps={row['steps']:3d}  accuracy={result['accuracy']:.3f}  "
-              f"fvd_probe={result['fvd_probe']:9.3f}")
+    rows = evaluate_runs(runs, probe, encoder, args.num, device, (args.frames, args.height, args.width),
+                         args.batch_size, real)
     notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed), batch {args.batch_size}; FVD-probe "
              f"against {args.num} unseen real clips; teacher: {args.teacher} with {args.teacher_steps} Euler steps and "
              f"guidance {args.guidance}; students sample without guidance at subsets of their step list (phased "

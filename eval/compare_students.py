@@ -17,7 +17,7 @@ import torch
 from distill.attention import TileLayout, load_spec
 from distill.attention.processor import block_pattern
 from distill.attention.spec import AttentionSpec
-from eval.evaluate import evaluate, load_samplers, teacher_sampler, trained_method
+from eval.evaluate import evaluate_runs, load_samplers, teacher_run, trained_method
 from eval.results import write_results
 
 
@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    import teachers
     from distill.text import TextEncoder
     from eval.probe import Probe, reference_features
 
@@ -67,12 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     probe = Probe.load(device=device)
     encoder = TextEncoder.from_pretrained(device=device)
     real = reference_features(probe, args.num, *size)
-    runs = []
-    if args.teacher_steps:
-        teacher = teachers.load_spec(args.teacher).to(device).eval()
-        runs.append(({"model": "teacher", "method": "flow", "steps": args.teacher_steps, "guidance": args.guidance,
-                      "attention": "dense", "density": 1.0},
-                     teacher_sampler(teacher, args.teacher_steps, args.guidance)))
+    runs = [teacher_run(args.teacher, args.teacher_steps, args.guidance, device, guidance=args.guidance,
+                        attention="dense", density=1.0)] if args.teacher_steps else []
     for name, path in students:
         method = trained_method(path)["method"]
         patch = tuple(json.loads((path / "config.json").read_text())["patch_size"])
@@ -80,13 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         samplers = load_samplers(path, device, args.guidance, args.student_steps)  # with its trained attention
         runs += [({"model": name, "method": method, "steps": steps, "path": str(path), **fields}, sampler)
                  for steps, sampler in zip(args.student_steps, samplers)]
-    rows = []
-    for meta, sampler in runs:
-        result = evaluate(sampler, probe, encoder, args.num, device, *size, args.batch_size, real_features=real)
-        result.pop("videos")
-        rows.append({**meta, **result})
-        print(f"{meta['model']:10s} steps={meta['steps']:3d} {meta['attention']:>16s} accuracy={result['accuracy']:.3f}"
-              f" fvd_probe={result['fvd_probe']:9.3f} sec/video={result['sec_per_video']:.4f}")
+    rows = evaluate_runs(runs, probe, encoder, args.num, device, size, args.batch_size, real)
     notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed), same noise for every sampler, batch "
              f"{args.batch_size}; FVD-probe against {args.num} unseen real clips; students sample with the attention "
              "they were trained with (attention.json); 'density' = kept tile pairs of the pattern at this clip size.")

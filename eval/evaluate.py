@@ -148,3 +148,26 @@ def evaluate(sampler: Sampler, probe: Probe, text_encoder: TextEncoder, num: int
             "fvd_probe": round(fvd_probe(probe, videos, real_features), 3),
             "sec_per_video": round(seconds / num, 5), "num_videos": num, "batch_size": batch_size,
             "videos": videos}
+
+
+def teacher_run(spec: str, steps: int, guidance: float, device: torch.device, **fields) -> tuple[dict, Sampler]:
+    """The reference row of a comparison: the teacher named by ``spec`` with its many-step Euler sampler and CFG."""
+    import teachers
+
+    teacher = teachers.load_spec(spec).to(device).eval()
+    return ({"model": "teacher", "method": "flow", "steps": steps, **fields},
+            teacher_sampler(teacher, steps, guidance))
+
+
+def evaluate_runs(runs: list[tuple[dict, Sampler]], probe: Probe, text_encoder: TextEncoder, num: int,
+                  device: torch.device, size: tuple[int, int, int], batch_size: int, real_features: Tensor
+                  ) -> list[dict]:
+    """One results row per ``(fields, sampler)``: every sampler on the same prompts and noise, printed as it ends."""
+    rows = []
+    for fields, sampler in runs:
+        result = evaluate(sampler, probe, text_encoder, num, device, *size, batch_size, real_features=real_features)
+        result.pop("videos")
+        rows.append({**fields, **result})
+        print(f"{fields['model']:16s} {fields['method']:8s} steps={fields['steps']:3d}  accuracy={result['accuracy']:.3f}"
+              f"  fvd_probe={result['fvd_probe']:9.3f}  sec/video={result['sec_per_video']:.4f}")
+    return rows
