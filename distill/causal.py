@@ -7,8 +7,8 @@ weights run two ways, chosen per call by :class:`CausalWanDenoiser`:
 - **mask mode** (no cache): the whole clip in one forward with a block-causal mask (FlexAttention on CUDA,
   masked SDPA elsewhere). Per-chunk times ``[B, T]`` give diffusion forcing.
 - **cache mode**: one chunk per forward. Each layer's self-attention reads the keys/values of earlier chunks
-  from a :class:`KVCache`; after a chunk is denoised, its clean ``x0`` is run once more at ``t = 0`` with
-  ``write=True`` to put its keys/values in the cache (as both papers do).
+  from a :class:`KVCache`; after a chunk is denoised, its clean ``x0`` is run once more at ``t = 0``
+  (:meth:`CausalWanDenoiser.write_cache`) to put its keys/values in the cache (as both papers do).
 
 Positions (Wan's 3-D RoPE). Keys are cached *before* RoPE, and RoPE is applied at attention time with
 positions inside the cache window: cached frames sit at ``0 .. n-1`` in cache order and the current chunk at
@@ -20,12 +20,17 @@ StreamingLLM (Xiao et al. 2024), which keeps all RoPE angles in the trained rang
 runs. Absolute positions would instead push query/sink distances past anything seen in training and past
 the RoPE table (``rope_max_seq_len``). The cost is re-rotating the cached keys once per chunk after an
 eviction (:class:`KVCache` keeps them pre-RoPE and rotated), an elementwise pass small next to attention.
+
+Speed. Everything in cache mode that depends on how full the window is (key length, positions, the cache's
+bookkeeping) happens in one eager function per layer (:func:`_attend_cache`); the rest of a block sees the same
+shapes at every chunk and every layer, so ``torch.compile``'d blocks (:meth:`CausalWanDenoiser.compile_blocks`)
+share one set of static-shape graphs.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +39,7 @@ from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from torch import Tensor
 
 from distill.conditioning import Conditioning
-from distill.schedule import Schedule
+from distill.schedule import Schedule, TimeLike
 from distill.students import noise_like, make_student
 from teachers.wan import WanDenoiser
 
@@ -107,9 +112,13 @@ class KVCache:
         self.rotated = [0] * layers  # per layer: leading frames whose k_rot matches their current positions
         self.rope: tuple | None = None  # ((height, width), (cos, sin)) for window positions, set by the model
 
+    @property
+    def layers(self) -> int:
+        return len(self.rotated)
+
     def reset(self) -> None:
         self.frames = self.seen = 0
-        self.rotated = [0] * len(self.rotated)
+        self.rotated = [0] * self.layers
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in (self.k, self.k_rot, self.v))
@@ -137,16 +146,18 @@ class KVCache:
         self.k[layer, :, start:start + k.shape[1]] = k
         self.v[layer, :, start:start + v.shape[1]] = v
 
-    def attend(self, layer: int, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference: write a chunk's keys/values after the valid frames and return the rotated keys and the values
-        of the window and the chunk (positions ``0 .. n + s - 1``), rotating only what is not rotated yet."""
+    def attend(self, layer: int, k: Tensor, k_rot: Tensor, v: Tensor, cos: Tensor,
+               sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference: write a chunk's keys (before RoPE and rotated at its window positions) and values after the
+        valid frames and return the rotated keys and the values of the window and the chunk (positions
+        ``0 .. n + s - 1``), re-rotating (with the window tables ``cos``, ``sin``) only keys that eviction moved."""
         L, n, s = self.tokens_per_frame, self.frames * self.tokens_per_frame, k.shape[1]
         self.write(layer, k, v)
+        self.k_rot[layer, :, n:n + s] = k_rot
         done = self.rotated[layer] * L
         if done < n:
             self.k_rot[layer, :, done:n] = rotate(self.k[layer, :, done:n], cos[:, done:n], sin[:, done:n])
             self.rotated[layer] = self.frames
-        self.k_rot[layer, :, n:n + s] = rotate(k, cos[:, n:n + s], sin[:, n:n + s])
         return self.k_rot[layer, :, :n + s], self.v[layer, :, :n + s]
 
     def commit(self, frames: int) -> None:
@@ -155,22 +166,50 @@ class KVCache:
         self.seen += frames
 
 
+class _CacheWritten(Exception):
+    """Ends a cache-writing forward once the last layer has written its keys and values: its attention and
+    everything after it (the prediction) would be computed for nobody."""
+
+
 @dataclass
 class _CallState:
-    """What the processors of one model need to know about the forward in progress."""
+    """What the processor needs to know about the forward in progress."""
 
     frames: int = 0
     tokens_per_frame: int = 0
     cache: KVCache | None = None
-    write: bool = False
+    write_only: bool = False  # a cache-writing forward (stops after the last layer's keys and values)
+    layer: int = 0  # cache mode: the layer that attends next (blocks run in order)
     rope: tuple[Tensor, Tensor] | None = None  # cache mode: tables for window positions 0 .. capacity + chunk
+    chunk_rope: tuple[Tensor, Tensor] | None = None  # cache mode: the tables at the chunk's window positions
+
+
+@torch.compiler.disable
+def _attend_cache(state: _CallState, query: Tensor, key: Tensor, rotated: Tensor, value: Tensor) -> Tensor:
+    """Cache-mode self-attention of the next layer on ``[B, S, H, D]`` projections (query and ``rotated`` key at
+    the chunk's window positions, ``key`` before RoPE), returning ``[B, H, S, D]``. Eager under ``torch.compile``:
+    the key length and the layer index change with the window's fill and from layer to layer, and would otherwise
+    specialise (and recompile) the compiled blocks."""
+    cache, layer = state.cache, state.layer
+    state.layer += 1
+    if torch.is_grad_enabled():  # self-forcing training: keep the static buffers out of the autograd graph
+        cached_k, cached_v = cache.window(layer, 0)
+        n, (cos, sin) = cached_k.shape[1], state.rope
+        keys = torch.cat([rotate(cached_k, cos[:, :n], sin[:, :n]), rotated], dim=1)
+        values = torch.cat([cached_v, value], dim=1)
+    else:  # the chunk goes in the slots after the valid frames; only write_cache commits it
+        keys, values = cache.attend(layer, key, rotated, value, *state.rope)
+        if state.write_only and layer == cache.layers - 1:
+            raise _CacheWritten
+    return F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
 
 
 class ChunkCausalProcessor:
-    """Self-attention of one Wan block with chunk-causal masking (mask mode) or a KV cache (cache mode)."""
+    """Self-attention of the Wan blocks with chunk-causal masking (mask mode) or a KV cache (cache mode). One
+    instance serves every block (cache mode counts layers in the call state), so compiled blocks share graphs."""
 
-    def __init__(self, state: _CallState, layer: int, chunk_frames: int, backend: str = "auto"):
-        self.state, self.layer, self.chunk_frames, self.backend = state, layer, chunk_frames, backend
+    def __init__(self, state: _CallState, chunk_frames: int, backend: str = "auto"):
+        self.state, self.chunk_frames, self.backend = state, chunk_frames, backend
 
     def _use_flex(self, q: Tensor) -> bool:
         return self.backend == "flex" or (self.backend == "auto" and q.is_cuda)
@@ -182,28 +221,17 @@ class ChunkCausalProcessor:
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
+        cos, sin = rotary_emb if state.cache is None else state.chunk_rope
+        query, rotated = rotate(query, cos, sin), rotate(key, cos, sin)
         if state.cache is None:
-            query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
-            q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+            q, k, v = (x.transpose(1, 2) for x in (query, rotated, value))
             if self._use_flex(q):
                 out = _flex_attention(q, k, v, state.frames, state.tokens_per_frame, self.chunk_frames)
             else:
                 mask = block_causal_mask(state.frames, state.tokens_per_frame, self.chunk_frames, q.device)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            cache, s, (cos, sin) = state.cache, key.shape[1], state.rope
-            if torch.is_grad_enabled():  # self-forcing training: keep the static buffers out of the autograd graph
-                cached_k, cached_v = cache.window(self.layer, 0)
-                n = cached_k.shape[1]
-                keys = rotate(torch.cat([cached_k, key], dim=1), cos[:, :n + s], sin[:, :n + s])
-                values = torch.cat([cached_v, value], dim=1)
-                if state.write:
-                    cache.write(self.layer, key.detach(), value.detach())
-            else:  # the chunk goes in the slots after the valid frames; only a write pass commits it
-                keys, values = cache.attend(self.layer, key, value, cos, sin)
-                n = keys.shape[1] - s
-            query = rotate(query, cos[:, n:n + s], sin[:, n:n + s])
-            out = F.scaled_dot_product_attention(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+            out = _attend_cache(state, query, key, rotated, value)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -220,8 +248,9 @@ class CausalWanDenoiser(WanDenoiser):
             raise ValueError("chunk-causal attention needs a temporal patch size of 1")
         self.chunk_frames = chunk_frames
         self._state = _CallState()
-        for i, block in enumerate(transformer.blocks):
-            block.attn1.set_processor(ChunkCausalProcessor(self._state, i, chunk_frames, backend))
+        processor = ChunkCausalProcessor(self._state, chunk_frames, backend)
+        for block in transformer.blocks:
+            block.attn1.set_processor(processor)
 
     @classmethod
     def from_bidirectional(cls, model: WanDenoiser, chunk_frames: int, backend: str = "auto") -> "CausalWanDenoiser":
@@ -232,10 +261,9 @@ class CausalWanDenoiser(WanDenoiser):
         _, p_h, p_w = self.config.patch_size
         return (x.shape[3] // p_h) * (x.shape[4] // p_w)
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, cache: KVCache | None = None, write: bool = False,
-                **kwargs) -> Tensor:
-        """Mask mode over the whole clip when ``cache`` is None; else one chunk against ``cache`` (and, with
-        ``write``, its keys/values appended to it)."""
+    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, cache: KVCache | None = None, **kwargs) -> Tensor:
+        """Mask mode over the whole clip when ``cache`` is None; else one chunk against ``cache`` (which it reads
+        but does not extend: :meth:`write_cache` does)."""
         state = self._state
         state.frames, state.tokens_per_frame = x_t.shape[2], self._tokens_per_frame(x_t)
         if cache is None:
@@ -249,13 +277,35 @@ class CausalWanDenoiser(WanDenoiser):
             raise ValueError("cache mode cannot recompute under gradient checkpointing (the cache changes before "
                              "the backward pass); disable model.gradient_checkpointing for KV-cached training")
         cache.make_room()  # before a chunk's first step, so that its steps and its write see one window
-        state.cache, state.write, state.rope = cache, write, self._window_rope(cache, x_t)
+        cos, sin = self._window_rope(cache, x_t)
+        n, s = cache.frames * cache.tokens_per_frame, x_t.shape[2] * cache.tokens_per_frame
+        state.cache, state.layer, state.rope = cache, 0, (cos, sin)
+        state.chunk_rope = cos[:, n:n + s], sin[:, n:n + s]  # the chunk is rotated inside the compiled blocks
         try:
             return super().forward(x_t, t, cond, **kwargs)
         finally:
-            state.cache, state.write, state.rope = None, False, None
-            if write:
-                cache.commit(x_t.shape[2])
+            state.cache = state.rope = state.chunk_rope = None
+
+    @torch.no_grad()
+    def write_cache(self, x0: Tensor, cond: Conditioning, cache: KVCache) -> None:
+        """Append a finished chunk's keys/values to ``cache``: ``x0`` at ``t = 0``, run only until the last layer
+        has written them (that layer's attention and the prediction are never read)."""
+        self._state.write_only = True
+        try:
+            self(x0, x0.new_zeros(x0.shape[0]), cond, cache=cache)
+        except _CacheWritten:
+            pass
+        finally:
+            self._state.write_only = False
+        cache.commit(x0.shape[2])
+
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` every transformer block (fusing the norms, modulations and gates around the matrix
+        products, and cutting the launches per step). Shapes are static: in cache mode a block sees one chunk
+        whatever the window holds (the window-dependent attention runs eagerly), so all blocks and all chunks
+        share one set of graphs."""
+        for block in self.transformer.blocks:
+            block.compile(**{"dynamic": False, **options})
 
     def _window_rope(self, cache: KVCache, x: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE tables for window positions ``0 .. capacity + chunk - 1`` at this frame size (built once per cache)."""
@@ -276,11 +326,12 @@ class CausalWanDenoiser(WanDenoiser):
                        self.chunk_frames, heads, head_dim, sinks, device or param.device, dtype or param.dtype)
 
 
-def denoise_chunk(step: Callable[[Tensor, float], Tensor], noise: Tensor, times: list[float], schedule: Schedule,
-                  generator: torch.Generator | None = None, grad_step: int | None = None) -> Tensor:
-    """A few-step student's sampler on one chunk: ``step(x, t) -> x0`` at each time, re-noised with fresh noise
-    to the next. With ``grad_step = k`` the chain stops at step ``k`` and only that call records gradients
-    (Self-Forcing's gradient through one randomly chosen step); otherwise nothing does."""
+def denoise_chunk(step: Callable[[Tensor, TimeLike], Tensor], noise: Tensor, times: Sequence[TimeLike],
+                  schedule: Schedule, generator: torch.Generator | None = None, grad_step: int | None = None) -> Tensor:
+    """A few-step student's sampler on one chunk: ``step(x, t) -> x0`` at each time (floats, or 0-d tensors from
+    :func:`device_times`), re-noised with fresh noise to the next. With ``grad_step = k`` the chain stops at step
+    ``k`` and only that call records gradients (Self-Forcing's gradient through one randomly chosen step); otherwise
+    nothing does."""
     x, last = noise, len(times) - 1 if grad_step is None else grad_step
     for k in range(last + 1):
         with torch.set_grad_enabled(grad_step == k and torch.is_grad_enabled()):
@@ -288,6 +339,13 @@ def denoise_chunk(step: Callable[[Tensor, float], Tensor], noise: Tensor, times:
         if k < last:
             x = schedule.add_noise(x0.detach(), noise_like(x0, generator), times[k + 1])
     return x0
+
+
+def device_times(times: list[float], device: torch.device | str) -> list[Tensor]:
+    """A step list as 0-d tensors on ``device``, made once per stream by fill kernels: a Python float turned into a
+    device tensor (as the schedule does with a float time) is a blocking host-to-device copy, which would stop the
+    host from queueing work ahead at every step."""
+    return [torch.full((), t, dtype=torch.float32, device=device) for t in times]
 
 
 def _chunks(frames: int, chunk_frames: int) -> list[slice]:
@@ -306,14 +364,12 @@ def stream_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, t
     B, _, T, H, W = noise.shape
     if cache is None:
         cache = model.new_cache(B, H, W, capacity=T, device=noise.device)
-    out = []
-    zero = torch.zeros(B, device=noise.device)
+    out, times = [], device_times(times, noise.device)
+    step = lambda x, t: model.denoise(x, t.expand(B), cond, cache=cache)  # noqa: E731
     for c, frames in enumerate(_chunks(T, model.chunk_frames)):
-        step = lambda x, t: model.denoise(x, torch.full((B,), t, device=x.device), cond, cache=cache)
         x0 = denoise_chunk(step, noise[:, :, frames], times, model.schedule, generator,
                            None if grad_steps is None else grad_steps[c])
-        with torch.no_grad():
-            model(x0.detach(), zero, cond, cache=cache, write=True)
+        model.write_cache(x0.detach(), cond, cache)
         out.append(x0)
     return torch.cat(out, dim=2)
 

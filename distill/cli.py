@@ -263,6 +263,8 @@ def _stream(args: argparse.Namespace) -> None:
     from distill.stream import StreamingGenerator, write_stream
 
     generator = StreamingGenerator.from_pretrained(args.generator, _device(args.device))
+    if args.compile:
+        generator.model.compile_blocks()
     stats = write_stream(generator, args.prompt, args.seconds, args.out, args.seed, args.fps)
     print(f"wrote {stats['frames']} frames to {args.out}: first chunk after {stats['first_chunk_latency_s']:.3f} s, "
           f"{stats['fps']:.1f} frames/s")
@@ -358,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--out", required=True, help="output .mp4 (fragmented: playable while it grows), .gif or .npy")
     stream.add_argument("--seed", type=int, default=0)
     stream.add_argument("--fps", type=float, default=0, help="playback frame rate (default: the generator's)")
+    stream.add_argument("--compile", action="store_true",
+                        help="torch.compile the transformer blocks (the first chunk compiles them)")
     stream.add_argument("--device", default="auto")
     stream.set_defaults(func=_stream)
 

@@ -5,13 +5,15 @@ A generator directory holds ``streaming.json`` (architecture and transformer con
 size, cache window and sinks, dtype, latent size, text encoder and decoder references) and ``model.safetensors``.
 ``distill export --format streaming`` writes one from a trained causal student.
 
-Each chunk costs ``len(timesteps)`` forwards plus one at ``t = 0`` that writes the cache. The cache buffers,
-RoPE tables and noise generator live on the device and are allocated once per stream; the only host/device
-synchronisation is the copy of each finished chunk's frames.
+Each chunk costs ``len(timesteps)`` forwards plus one at ``t = 0`` that writes the cache (queued after the chunk's
+decode, so that its frames never wait for it). The cache buffers, RoPE tables, step times and noise generator live
+on the device and are made once per stream; the only host/device synchronisation is the copy of each finished
+chunk's frames. On CUDA a chunk is decoded on a second stream while the next one is generated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -25,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from distill.causal import CausalWanDenoiser, KVCache, denoise_chunk
+from distill.causal import CausalWanDenoiser, KVCache, denoise_chunk, device_times
 from distill.conditioning import Conditioning
 from distill.schedule import schedule_from_dict, schedule_to_dict
 from teachers.wan import WanDenoiser
@@ -91,30 +93,77 @@ class IdentityDecoder:
 
 class WanVAEDecoder:
     """Decodes Wan latents chunk by chunk with the VAE's causal convolution cache kept between chunks, so a
-    streamed video decodes as the whole clip would (the first latent frame gives one frame, later ones four)."""
+    streamed video decodes as the whole clip would (the first latent frame gives one frame, later ones four).
 
-    def __init__(self, vae):
+    Speed switches (``eval/bench_streaming.py`` measures each): ``batch_frames`` sends all latent frames of a chunk
+    through the decoder in one call instead of diffusers' one call per frame (the causal cache makes both equal;
+    the stream's first frame, which the VAE treats specially, still goes alone): fewer, larger convolutions.
+    ``cudnn_benchmark`` lets cuDNN time its algorithms per shape around the decode (its heuristics choose poorly
+    for bf16 3-D convolutions; the few shapes of a stream are timed once). ``channels_last`` keeps weights and
+    activations channels-last (NDHWC), the layout of cuDNN's tensor-core kernels.
+    """
+
+    def __init__(self, vae, batch_frames: bool = True, cudnn_benchmark: bool = True, channels_last: bool = False):
         self.vae = vae
-        config = vae.config
-        self.mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1)
-        self.std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1)
+        param = next(vae.parameters())
+        # on the VAE's device once: a host tensor moved at every chunk would be a blocking copy
+        self.mean, self.std = (torch.tensor(values, dtype=param.dtype).view(1, -1, 1, 1, 1).to(param.device)
+                               for values in (vae.config.latents_mean, vae.config.latents_std))
+        self.batch_frames, self.cudnn_benchmark = batch_frames, cudnn_benchmark
+        self._channels_last = False
+        self.channels_last = channels_last
         self.first = True
+
+    @property
+    def channels_last(self) -> bool:
+        return self._channels_last
+
+    @channels_last.setter
+    def channels_last(self, on: bool) -> None:
+        for module in self.vae.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.nn.Parameter) and weight.ndim in (4, 5):
+                layout = torch.channels_last if weight.ndim == 4 else torch.channels_last_3d
+                weight.data = weight.data.contiguous(memory_format=layout if on else torch.contiguous_format)
+        self._channels_last = on
 
     def reset(self) -> None:
         self.vae.clear_cache()
         self.first = True
 
     def __call__(self, latents: Tensor) -> Tensor:
-        vae = self.vae
-        z = latents.to(vae.dtype) * self.std.to(latents.device, vae.dtype) + self.mean.to(latents.device, vae.dtype)
-        x = vae.post_quant_conv(z)
-        frames = []
-        for i in range(x.shape[2]):  # diffusers' AutoencoderKLWan._decode loop, without clearing the cache
-            vae._conv_idx = [0]
-            frames.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                      first_chunk=self.first))
-            self.first = False
+        z = latents.to(self.vae.dtype) * self.std + self.mean
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
+        with _cudnn_benchmark(self.cudnn_benchmark):
+            x = self.vae.post_quant_conv(z)
+            frames = [self._decode(x[:, :, part]) for part in self._calls(x.shape[2])]
         return torch.cat(frames, dim=2).clamp(-1, 1)
+
+    def _calls(self, frames: int) -> list[slice]:
+        """The latent frames of each decoder call."""
+        if not self.batch_frames:
+            return [slice(i, i + 1) for i in range(frames)]
+        return [slice(0, 1), slice(1, frames)] if self.first and frames > 1 else [slice(0, frames)]
+
+    def _decode(self, x: Tensor) -> Tensor:
+        """diffusers' ``AutoencoderKLWan._decode`` loop body, without clearing the cache."""
+        vae = self.vae
+        vae._conv_idx = [0]
+        out = vae.decoder(x, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=self.first)
+        self.first = False
+        return out
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` set to ``on`` inside, as it was outside."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def load_decoder(spec: dict[str, str], device, dtype: torch.dtype):
@@ -141,10 +190,13 @@ class StreamingGenerator:
     """``stream(prompt, num_chunks, seed)`` yields ``uint8`` frames ``[F, H, W, 3]`` per chunk; ``prompt`` is a
     string, one string per chunk, or a function of the chunk index (the prompt may change between chunks)."""
 
-    def __init__(self, model: CausalWanDenoiser, config: StreamingConfig, text_encoder=None, decoder=None):
+    def __init__(self, model: CausalWanDenoiser, config: StreamingConfig, text_encoder=None, decoder=None,
+                 overlap_decode: bool = True):
         self.model, self.config, self.text_encoder = model.eval(), config, text_encoder
         self.decoder = decoder or IdentityDecoder()
+        self.overlap_decode = overlap_decode  # on CUDA: decode chunk k while chunk k + 1 is generated
         self._cache: KVCache | None = None
+        self._decode_stream: torch.cuda.Stream | None = None
 
     @property
     def device(self) -> torch.device:
@@ -200,25 +252,77 @@ class StreamingGenerator:
     @torch.no_grad()
     def stream_embeddings(self, cond_of: Callable[[int], Conditioning], num_chunks: int, seed: int = 0,
                           decode: bool = True) -> Iterator[Tensor]:
-        """Frames (``uint8`` ``[F, H, W, 3]`` on the device) or, with ``decode=False``, latents ``[1, C, c, h, w]``
-        of each chunk, conditioned on ``cond_of(chunk_index)``. Nothing here waits on the device."""
+        """Frames (``uint8`` ``[F, H, W, 3]`` on the device, ready for the current stream) or, with
+        ``decode=False``, latents ``[1, C, c, h, w]`` of each chunk (the chunk's cache write, queued when the next
+        chunk is asked for, reads them: do not change them in place), conditioned on ``cond_of(chunk_index)``.
+        Nothing here waits on the device. With ``overlap_decode`` on CUDA, ``cond_of(c + 1)`` is asked for before
+        chunk ``c``'s frames are handed over (chunk ``c + 1`` is generated while ``c`` decodes)."""
+        latents = self._latents(cond_of, num_chunks, seed)
+        if not decode:
+            yield from latents
+            return
+        self.decoder.reset()
+        if self.overlap_decode and self.device.type == "cuda":
+            yield from self._overlapped(latents)
+        else:
+            for x0 in latents:
+                yield self._frames(x0)
+
+    def _latents(self, cond_of: Callable[[int], Conditioning], num_chunks: int, seed: int) -> Iterator[Tensor]:
+        """Each chunk's ``x0`` once its steps are queued; its cache write is queued when the next chunk is asked
+        for, after the caller has queued what it does with this one (the last chunk's, which no chunk reads, never)."""
         cfg, model, device = self.config, self.model, self.device
         channels, height, width = cfg.latent_size
         if self._cache is None or self._cache.k.device != device:
             self._cache = model.new_cache(1, height, width, cfg.cache_frames, cfg.sink_frames, device=device)
         cache = self._cache
         cache.reset()
-        self.decoder.reset()
         generator = torch.Generator(device).manual_seed(seed)
-        zero = torch.zeros(1, device=device)
+        times = device_times(cfg.timesteps, device)
         shape = (1, channels, cfg.chunk_frames, height, width)
         for c in range(num_chunks):
             cond = cond_of(c)
-            step = lambda x, t: model.denoise(x, torch.full((1,), t, device=device), cond, cache=cache)  # noqa: E731
+            step = lambda x, t: model.denoise(x, t.expand(1), cond, cache=cache)  # noqa: E731
             noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-            x0 = denoise_chunk(step, noise, cfg.timesteps, model.schedule, generator)
-            model(x0, zero, cond, cache=cache, write=True)
-            yield to_uint8_frames(self.decoder(x0)[0]) if decode else x0
+            x0 = denoise_chunk(step, noise, times, model.schedule, generator)
+            yield x0
+            if c + 1 < num_chunks:
+                model.write_cache(x0, cond, cache)
+
+    def _frames(self, x0: Tensor) -> Tensor:
+        """A chunk's decoded ``uint8`` frames, queued on the current stream."""
+        return to_uint8_frames(self.decoder(x0)[0])
+
+    def _overlapped(self, latents: Iterator[Tensor]) -> Iterator[Tensor]:
+        """Frames decoded on a second CUDA stream while the current stream generates the next chunk. Chunk ``c``
+        is handed over once chunk ``c + 1``'s steps are queued, the first chunk at once (its latency must not wait
+        for a second chunk). The decode stream has the higher priority, so that a decode ends within the next
+        chunk's steps instead of trailing behind them."""
+        main, side = torch.cuda.current_stream(self.device), self._side_stream()
+        pending: list[tuple[Tensor, torch.cuda.Event]] = []
+        for c, x0 in enumerate(latents):
+            side.wait_stream(main)  # x0 is ready
+            x0.record_stream(side)  # and its memory is not reused before the decode has read it
+            with torch.cuda.stream(side):
+                pending.append((self._frames(x0), side.record_event()))
+            lag = 1 if c else 0  # the first chunk at once
+            while len(pending) > lag:
+                yield _hand_over(*pending.pop(0), main)
+        for frames, done in pending:
+            yield _hand_over(frames, done, main)
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._decode_stream is None or self._decode_stream.device != self.device:
+            self._decode_stream = torch.cuda.Stream(self.device, priority=-1)
+        return self._decode_stream
+
+
+def _hand_over(frames: Tensor, done: torch.cuda.Event, stream: torch.cuda.Stream) -> Tensor:
+    """``frames`` made on another stream, safe to use on ``stream``: it waits for them, and their memory is kept
+    until its work on them is done."""
+    stream.wait_event(done)
+    frames.record_stream(stream)
+    return frames
 
 
 def generator_from_model_dir(model_dir: str | Path, cache_frames: int = 0, sink_frames: int | None = None,
@@ -261,12 +365,15 @@ def measure(generator: StreamingGenerator, cond_of: Callable[[int], Conditioning
             seed: int = 0, decode: bool = True) -> dict[str, float]:
     """First-chunk latency (stream start to the chunk's frames on the host) and sustained frames per second
     (chunks after the first), after a warm-up stream long enough to fill and roll the cache (every shape the
-    timed stream meets: kernels, allocator, compiled graphs). Video frames count after decoding; without decoding,
-    latent frames times the decoder's temporal ratio (what decoding would give)."""
+    timed stream meets: kernels, allocator, compiled graphs), consumed like the timed one and then waited for (work
+    it left queued would otherwise count against the first chunk). Video frames count after decoding; without
+    decoding, latent frames times the decoder's temporal ratio (what decoding would give)."""
     cfg = generator.config
     ratio = 4 if cfg.decoder.get("kind") == "wan_vae" else 1
-    for _ in generator.stream_embeddings(cond_of, cfg.cache_frames // cfg.chunk_frames + 2, seed, decode):
-        pass
+    for chunk in generator.stream_embeddings(cond_of, cfg.cache_frames // cfg.chunk_frames + 2, seed, decode):
+        chunk.cpu()
+    if generator.device.type == "cuda":
+        torch.cuda.synchronize(generator.device)  # the timed stream starts on an idle device
     began, stamps, frames = time.perf_counter(), [], []
     for chunk in generator.stream_embeddings(cond_of, num_chunks, seed, decode):
         chunk.cpu()  # the host has the frames: the only synchronisation

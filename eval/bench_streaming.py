@@ -4,10 +4,15 @@ latency and sustained frames per second, DiT alone and with the Wan VAE decode (
 random weights, decoding chunk by chunk with its causal convolution cache). Writes
 ``eval/results/streaming_<gpu>.json``.
 
-    python eval/bench_streaming.py                 # bf16, eager, then torch.compile rows when --compile
+    python eval/bench_streaming.py            # every row below in one process (about 4 minutes on an H100)
+    python eval/bench_streaming.py --tiny     # CPU smoke run: a toy Wan and a toy VAE, seconds
 
-The generator is the product's :class:`distill.stream.StreamingGenerator` (static KV buffers, no host
-synchronisation per step); random 512-token text embeddings stand in for umT5's.
+Rows, in the order run (each names the switches it had on): the DiT alone; with the decode, the path as it was
+(one decoder call per latent frame, cuDNN's heuristics, the decode after the DiT on one stream), then cuDNN
+autotuning, channels-last (on its own: it may lose), all latent frames of a chunk per decoder call, and the decode
+overlapped with the next chunk's DiT on a second CUDA stream; then the DiT alone and everything on with
+``torch.compile``'d blocks (last: compiling is not undone). The generator is the product's
+:class:`distill.stream.StreamingGenerator`; random 512-token text embeddings stand in for umT5's.
 """
 
 from __future__ import annotations
@@ -26,6 +31,17 @@ from distill.stream import StreamingConfig, StreamingGenerator, WanVAEDecoder, m
 from eval.results import device_name, write_results
 from teachers.wan import WanDenoiser
 
+# --tiny: a 16-channel toy Wan (the Wan VAE's latent channels) and a toy VAE, small enough for a CPU test
+TOY_WAN = {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 16,
+           "out_channels": 16, "text_dim": 64, "freq_dim": 32, "ffn_dim": 64, "num_layers": 2}
+TINY = {"preset": "toy", "height": 4, "width": 4, "chunk_frames": 2, "cache_frames": 2, "chunks": 3,
+        "text_tokens": 8, "dtype": "float32", "vae_config": '{"base_dim": 8, "num_res_blocks": 1}'}
+
+SWITCHES = ("vae_batch_frames", "cudnn_benchmark", "channels_last", "overlap_decode")
+DECODE_STEPS = ({}, {"cudnn_benchmark": True}, {"cudnn_benchmark": True, "channels_last": True},
+                {"cudnn_benchmark": True, "vae_batch_frames": True},
+                {"cudnn_benchmark": True, "vae_batch_frames": True, "overlap_decode": True})
+
 
 def gpu_slug(name: str) -> str:
     """``NVIDIA H100 80GB HBM3`` -> ``h100`` (the file name's ``<gpu>``)."""
@@ -33,9 +49,10 @@ def gpu_slug(name: str) -> str:
     return found.group(1) if found else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def build_generator(source: str, latent_size: tuple[int, int], chunk_frames: int, steps: int, cache_frames: int,
-                    dtype: torch.dtype, device: torch.device, vae_config: dict | None) -> StreamingGenerator:
-    """A streaming generator with random weights from a Wan preset or config file, built on the device (fast
+def build_generator(source: str | dict, latent_size: tuple[int, int], chunk_frames: int, steps: int,
+                    cache_frames: int, dtype: torch.dtype, device: torch.device,
+                    vae_config: dict | None) -> StreamingGenerator:
+    """A streaming generator with random weights from a Wan preset, config file or dict, built on the device (fast
     init), with the Wan VAE decoder when ``vae_config`` is given."""
     torch.manual_seed(0)
     with torch.device(device):
@@ -59,16 +76,28 @@ def build_generator(source: str, latent_size: tuple[int, int], chunk_frames: int
                               decoder=decoder)
 
 
-def compile_blocks(generator: StreamingGenerator) -> None:
-    """``torch.compile`` each transformer block (shapes change with the cache fill, hence ``dynamic``)."""
-    for block in generator.model.transformer.blocks:
-        block.compile(dynamic=True)
+def plan(vae: bool, compile_blocks: bool) -> list[dict]:
+    """The measured configurations, in the order run: ``compiled``, ``decode`` and every switch of ``SWITCHES``."""
+    old = dict.fromkeys(SWITCHES, False)
+    dit = {"decode": False, **old}
+    decoded = [{"decode": True, **old, **step} for step in DECODE_STEPS] if vae else []
+    eager = [{"compiled": False, **config} for config in (dit, *decoded)]
+    return eager + ([{"compiled": True, **config} for config in (dit, *decoded[-1:])] if compile_blocks else [])
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def set_switches(generator: StreamingGenerator, row: dict) -> None:
+    """Turn the generator's and its decoder's speed switches to a row's (one generator serves every row)."""
+    generator.overlap_decode = row["overlap_decode"]
+    if isinstance(generator.decoder, WanVAEDecoder):
+        decoder = generator.decoder
+        decoder.batch_frames, decoder.cudnn_benchmark = row["vae_batch_frames"], row["cudnn_benchmark"]
+        decoder.channels_last = row["channels_last"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="wan2.1-t2v-1.3b",
-                        help="a teachers.wan preset or a transformer config .json")
+                        help="a teachers.wan preset or a transformer config .json ('toy' with --tiny)")
     parser.add_argument("--height", type=int, default=60, help="latent height (480 / 8)")
     parser.add_argument("--width", type=int, default=104, help="latent width (832 / 8)")
     parser.add_argument("--chunk-frames", type=int, default=3)
@@ -79,64 +108,81 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--vae-config", default="{}", help="AutoencoderKLWan config overrides (JSON); 'none': no VAE")
-    parser.add_argument("--compile", action="store_true", help="also measure with torch.compile'd blocks")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure torch.compile'd blocks (default: on CUDA)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: defaults " + json.dumps(TINY))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="", help="default: eval/results/streaming_<gpu>.json")
-    args = parser.parse_args(argv)
+    if parser.parse_known_args(argv)[0].tiny:
+        parser.set_defaults(**TINY)  # options given explicitly still win
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     dtype = getattr(torch, args.dtype)
     vae_config = None if args.vae_config == "none" else json.loads(args.vae_config)
-    generator = build_generator(args.preset, (args.height, args.width), args.chunk_frames, args.steps,
-                                args.cache_frames, dtype, device, vae_config)
+    generator = build_generator(TOY_WAN if args.preset == "toy" else args.preset, (args.height, args.width),
+                                args.chunk_frames, args.steps, args.cache_frames, dtype, device, vae_config)
     channels, text_dim = generator.model.latent_channels, generator.model.config.text_dim
-    text = torch.randn(1, args.text_tokens, text_dim, device=device, dtype=dtype)
-    cond = Conditioning(text)
-    name = device_name(device)
+    cond = Conditioning(torch.randn(1, args.text_tokens, text_dim, device=device, dtype=dtype))
     model_size = Path(args.preset).stem if args.preset.endswith(".json") else args.preset
     common = {"model_size": model_size, "resolution": f"{args.width * 8}x{args.height * 8}",
               "latent": [channels, args.height, args.width], "chunk_frames": args.chunk_frames, "steps": args.steps,
               "forwards_per_chunk": args.steps + 1, "cache_frames": args.cache_frames, "dtype": args.dtype,
               "chunks": args.chunks}
-    rows, failures = [], []
-    for compiled in ([False, True] if args.compile else [False]):
-        if compiled:
-            try:
-                compile_blocks(generator)
-            except Exception as err:  # noqa: BLE001 - the eager rows still stand; the failure goes in the notes
-                failures.append(f"torch.compile: {type(err).__name__}: {err}")
-                break
-        for decode in ([False, True] if vae_config is not None else [False]):
+    compile_blocks = device.type == "cuda" if args.compile is None else args.compile
+    rows, failures, compiled = [], [], False
+    for config in plan(vae_config is not None, compile_blocks):
+        if config["compiled"] and not compiled:
+            generator.model.compile_blocks()
+            compiled = True
+        decode = config.pop("decode")
+        set_switches(generator, config)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
             with torch.inference_mode():
-                try:
-                    speed = measure(generator, lambda c: cond, args.chunks, decode=decode)
-                except Exception as err:  # noqa: BLE001
-                    if not compiled:
-                        raise
-                    failures.append(f"torch.compile: {type(err).__name__}: {err}")
-                    break
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            rows.append({**common, "includes_vae_decode": decode, "compiled": compiled, **speed,
-                         "peak_gib": None if peak is None else round(peak, 2)})
-            print(f"compiled={compiled!s:5s} vae_decode={decode!s:5s} first_chunk={speed['first_chunk_latency_s']:.3f}s"
-                  f" fps={speed['fps']:.1f}")
+                speed = measure(generator, lambda c: cond, args.chunks, decode=decode)
+        except Exception as err:  # noqa: BLE001 - a compiled row may fail; the eager rows still stand
+            if not config["compiled"]:
+                raise
+            failures.append(f"torch.compile: {type(err).__name__}: {err}")
+            break
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        row = {**common, "includes_vae_decode": decode, **config, **speed,
+               "peak_gib": None if peak is None else round(peak, 2)}
+        rows.append(row)
+        print(format_row(row), flush=True)
     notes = (f"Causal Wan student with random weights ({args.preset}), {args.dtype}, batch 1, {args.steps} steps per "
-             f"chunk of {args.chunk_frames} latent frames plus one t=0 forward writing the KV cache "
-             f"(window {args.cache_frames} latent frames), random {args.text_tokens}-token text embeddings. "
-             "first_chunk_latency_s: stream start to the first chunk's frames on the host, after a warm-up stream; "
-             "fps: video frames per second over the chunks after the first (DiT only: 4 video frames per latent "
-             "frame; with decode: frames the Wan VAE actually produced, decoding chunk by chunk with its causal "
-             "cache). Targets (issue 5): >= 17 fps with VAE decode, first chunk < 0.69 s (Self-Forcing on an H100). "
-             + " ".join(failures))
-    out = args.out or f"eval/results/streaming_{gpu_slug(name)}.json"
+             f"chunk of {args.chunk_frames} latent frames plus one t=0 forward writing the KV cache (stopped after "
+             f"the last layer's keys/values; window {args.cache_frames} latent frames), random {args.text_tokens}-token"
+             " text embeddings. first_chunk_latency_s: stream start (on an idle device, after a warm-up stream that "
+             "fills and rolls the cache) to the first chunk's frames on the host; a chunk's frames are made before "
+             "its cache write. fps: video frames per second over the chunks after the first (DiT only: 4 video frames"
+             " per latent frame; with decode: frames the Wan VAE actually produced, decoding chunk by chunk with its "
+             "causal cache). Switches: vae_batch_frames (all latent frames of a chunk per decoder call), "
+             "cudnn_benchmark (cuDNN autotuning around the decode), channels_last (VAE in NDHWC), overlap_decode "
+             "(decode on a second, higher-priority CUDA stream while the next chunk's DiT runs; sequential on CPU), "
+             "compiled (torch.compile'd blocks, static shapes, cache attention eager). Targets (issue 5): >= 17 fps "
+             "with VAE decode, first chunk < 0.69 s (Self-Forcing on an H100). " + " ".join(failures))
+    out = args.out or f"eval/results/streaming_{gpu_slug(device_name(device))}.json"
     write_results(out, rows, device, notes)
-    print(f"{'compiled':8s} {'vae':5s} {'first_chunk_s':>13s} {'fps':>7s}")
+    print(f"{'compiled':8s} {'vae':5s} {'batch':5s} {'cudnn':5s} {'nhwc':5s} {'overlap':7s} {'first_chunk_s':>13s} "
+          f"{'fps':>7s}")
     for row in rows:
-        print(f"{row['compiled']!s:8s} {row['includes_vae_decode']!s:5s} {row['first_chunk_latency_s']:13.3f} "
-              f"{row['fps']:7.1f}")
+        print(format_row(row))
     print(f"wrote {out}")
     return rows
+
+
+def format_row(row: dict) -> str:
+    flags = [row["compiled"], row["includes_vae_decode"], *(row[s] for s in SWITCHES)]
+    widths = [8, 5, 5, 5, 5, 7]
+    return (" ".join(f"{flag!s:{w}s}" for flag, w in zip(flags, widths))
+            + f" {row['first_chunk_latency_s']:13.3f} {row['fps']:7.1f}")
 
 
 if __name__ == "__main__":

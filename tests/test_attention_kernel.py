@@ -5,6 +5,7 @@ GPU in bf16 at kernel-sized blocks (``pytest -m gpu``)."""
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -56,11 +57,14 @@ def compare(batch: int, heads: int, tiles: int, block: int, dim: int, shared: bo
 
 
 _SCRIPT = """
-import torch
+from functools import partial
+from distill.attention.triton_kernel import DEFAULT, KernelConfig, Launch, block_sparse_attention
 from tests.test_attention_kernel import compare
-for case in [(1, 2, 4, 16, 16, False, True), (2, 3, 3, 32, 32, True, False)]:
-    errors = compare(*case, strided=case[0] == 2)
-    assert max(errors) < 1e-5, (case, errors)
+for dq in (Launch(16, 16, 4, 1), None):  # a separate dq kernel; dq by atomics in the dk/dv kernel
+    kernel = partial(block_sparse_attention, config=KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, dq))
+    for case in [(1, 2, 4, 16, 16, False, True), (2, 3, 3, 32, 32, True, False)]:
+        errors = compare(*case, strided=case[0] == 2, backend=kernel)
+        assert max(errors) < 1e-5, (dq, case, errors)
 print("ok")
 """
 
@@ -75,10 +79,16 @@ def test_triton_kernel_in_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.parametrize("block,dim,shared,padded", [(128, 128, True, True), (64, 128, False, False),
                                                       (64, 64, True, False)])
-def test_triton_kernel_bf16_on_gpu(block, dim, shared, padded):
-    errors = compare(2, 4, 8, block, dim, shared, padded, device="cuda", dtype=torch.bfloat16, strided=shared)
+@pytest.mark.parametrize("atomic_dq", [False, True])
+def test_triton_kernel_bf16_on_gpu(block, dim, shared, padded, atomic_dq):
+    from distill.attention.triton_kernel import DEFAULT, KernelConfig, Launch, block_sparse_attention
+
+    config = KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, None if atomic_dq else Launch(128, 64, 8, 2))
+    kernel = partial(block_sparse_attention, config=config)
+    errors = compare(2, 4, 8, block, dim, shared, padded, device="cuda", dtype=torch.bfloat16, strided=shared,
+                     backend=kernel)
     assert max(errors) < 2e-2, errors
-    assert max(compare(1, 2, 4, block, dim, shared, padded, device="cuda")) < 1e-4  # float32 (ieee dots)
+    assert max(compare(1, 2, 4, block, dim, shared, padded, device="cuda", backend=kernel)) < 1e-4  # float32
 
 
 @pytest.mark.gpu
@@ -122,45 +132,78 @@ def test_sparse_job_trains_on_gpu(tmp_path):
     assert (out / "attention.json").is_file()
 
 
-def test_autotune_configs_are_pruned_to_sub_blocks_of_the_tile():
-    import triton
+def test_launches_fit_the_pattern_block():
+    from distill.attention.triton_kernel import Launch
 
-    from distill.attention.triton_kernel import _prune
-
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in [(128, 64), (64, 64), (64, 128)]]
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, {}, BLOCK=64)] == [(64, 64)]
-    assert len(_prune(configs, {}, BLOCK=128)) == 3
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, {}, BLOCK=32)] == [(32, 32)]
+    assert Launch(128, 64, 8, 3).fit(128) == Launch(128, 64, 8, 3)
+    assert Launch(128, 64, 8, 3).fit(64) == Launch(64, 64, 8, 3)
+    assert Launch(128, 128, 8, 2).fit(32) == Launch(32, 32, 8, 2)
 
 
-def test_kernels_compile_for_hopper():
-    """Compile (no GPU needed: Triton's bundled ptxas) each kernel's first autotune config for sm_90 in bf16:
-    catches what the interpreter does not (layouts, wgmma operand types, shared memory), and checks that the
-    tile loads are software-pipelined (cp.async)."""
+def _hopper_kernels() -> list[tuple]:
+    """Every (kernel, launch, extra constants, dtype) that the candidate configs run at Wan's shapes, and the
+    float32 reference launch of each kernel."""
+    from distill.attention import triton_kernel as tk
+
+    cases = {(tk._fwd, f, (), "bf16") for f in tk.FWD_CANDIDATES}
+    for dkdv, dq in tk.BWD_CANDIDATES:
+        cases.add((tk._bwd_dkdv, dkdv, (("ATOMIC_DQ", dq is None),), "bf16"))
+        if dq is not None:
+            cases.add((tk._bwd_dq, dq, (), "bf16"))
+    cases |= {(tk._fwd, tk.IEEE_LAUNCH, (), "fp32"), (tk._bwd_dq, tk.IEEE_LAUNCH, (), "fp32")}
+    cases |= {(tk._bwd_dkdv, tk.IEEE_LAUNCH, (("ATOMIC_DQ", atomic),), "fp32") for atomic in (False, True)}
+    return sorted(cases, key=lambda c: (c[0].__name__, str(c[1]), c[2], c[3]))
+
+
+def _case_id(value) -> str:
+    if isinstance(value, tuple):
+        return "atomic" if dict(value).get("ATOMIC_DQ") else "-"
+    return getattr(value, "__name__", str(value))
+
+
+def test_default_config_is_a_candidate():
+    from distill.attention import triton_kernel as tk
+
+    assert tk.DEFAULT.fwd in tk.FWD_CANDIDATES and (tk.DEFAULT.dkdv, tk.DEFAULT.dq) in tk.BWD_CANDIDATES
+
+
+@pytest.mark.parametrize("kernel,launch,extra,dtype", _hopper_kernels(), ids=_case_id)
+def test_kernels_compile_for_hopper(kernel, launch, extra, dtype, tmp_path):
+    """Compile (no GPU needed: Triton's bundled ptxas) each candidate launch for sm_90 at D = 128, blocks of 128
+    with padding: catches what the interpreter does not (layouts, wgmma operand types, shared memory beyond the
+    SM's, spilled registers) and checks that the tile loads are software-pipelined (cp.async) and bf16 dots use
+    wgmma. Compiled kernels are cached (~/.triton), so only the first run pays for ptxas."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from distill.attention import triton_kernel as tk
+    from distill.attention.triton_kernel import MAX_SHARED_BYTES
 
-    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i32", "CNT": "*i32", "BIAS": "*fp32"}
-    tensors = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-    for kernel, (m, n, warps, stages) in [(tk._fwd, (128, 64, 8, 3)), (tk._bwd_dkdv, (64, 64, 8, 3)),
-                                          (tk._bwd_dq, (128, 64, 8, 2))]:
-        fn = kernel
-        while not isinstance(fn, JITFunction):
-            fn = fn.fn
-        consts = dict(BLOCK=128, D=128, HAS_PAD=True, IEEE=False, BLOCK_M=m, BLOCK_N=n)
-        signature = {a: "constexpr" if a in consts else pointers.get(a, "*bf16" if a in tensors
-                                                                   else "fp32" if "scale" in a else "i32")
-                     for a in fn.arg_names}
-        aligned = [i for i, a in enumerate(fn.arg_names)
-                   if signature[a].startswith("*") or a.startswith(("stride", "s_"))]  # as the JIT specialises
-        source = ASTSource(fn=fn, signature=signature,
-                           constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                           attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps, "num_stages": stages})
-        ptx = compiled.asm["ptx"]
-        assert "wgmma.mma_async" in ptx and "cp.async" in ptx, fn.__name__
+    extra = dict(extra)
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i32", "CNT": "*i32", "BIAS": "*fp32",
+                "DQ": "*fp32" if extra.get("ATOMIC_DQ") else f"*{dtype}"}
+    tensors = {"Q", "K", "V", "O", "DO", "DK", "DV"}
+    fn = kernel
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
+    consts = dict(BLOCK=128, D=128, HAS_PAD=True, IEEE=dtype == "fp32", BLOCK_M=launch.block_m,
+                  BLOCK_N=launch.block_n, **extra)
+    signature = {a: "constexpr" if a in consts else pointers.get(a, f"*{dtype}" if a in tensors
+                                                               else "fp32" if "scale" in a else "i32")
+                 for a in fn.arg_names}
+    aligned = [i for i, a in enumerate(fn.arg_names)
+               if signature[a].startswith("*") or a.startswith(("stride", "s_"))]  # as the JIT specialises
+    source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                       attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": launch.warps, "num_stages": launch.stages})
+    ptx = compiled.asm["ptx"]
+    assert "cp.async" in ptx and ("wgmma.mma_async" in ptx or dtype == "fp32")
+    assert compiled.metadata.shared <= MAX_SHARED_BYTES, compiled.metadata.shared
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)],
+                           capture_output=True, text=True, check=True).stdout
+    # spilled registers live on the stack (float32 is the reference path, not a speed path)
+    assert " STACK:0 " in usage or dtype == "fp32", usage

@@ -131,20 +131,16 @@ def test_cache_mode_with_gradient_matches_inference(causal):
 
 
 def test_streaming_benchmark_runs_at_toy_size(tmp_path):
-    """eval/bench_streaming.py end to end on the CPU: a 16-channel toy Wan and a toy Wan VAE."""
-    from eval.bench_streaming import gpu_slug, main as bench
+    """eval/bench_streaming.py --tiny end to end on the CPU: a 16-channel toy Wan and a toy Wan VAE, every eager row
+    (the old decode path, then each switch)."""
+    from eval.bench_streaming import DECODE_STEPS, SWITCHES, gpu_slug, main as bench
 
-    config = tmp_path / "toy.json"
-    config.write_text(json.dumps({"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 16,
-                                  "in_channels": 16, "out_channels": 16, "text_dim": 64, "freq_dim": 32,
-                                  "ffn_dim": 64, "num_layers": 2}))
     out = tmp_path / "streaming.json"
-    rows = bench(["--preset", str(config), "--height", "4", "--width", "4", "--chunk-frames", "2", "--cache-frames",
-                  "2", "--chunks", "3", "--text-tokens", "8", "--dtype", "float32", "--device", "cpu",
-                  "--vae-config", '{"base_dim": 8, "num_res_blocks": 1}', "--out", str(out)])
-    assert [r["includes_vae_decode"] for r in rows] == [False, True]
-    decoded = rows[1]
-    assert decoded["frames"] == 1 + 4 * (2 * 3 - 1) and decoded["resolution"] == "32x32"  # the VAE's 4x in time
+    rows = bench(["--tiny", "--device", "cpu", "--out", str(out)])
+    assert [r["includes_vae_decode"] for r in rows] == [False] + [True] * len(DECODE_STEPS)
+    assert not any(rows[1][s] for s in SWITCHES) and all(rows[-1][s] for s in SWITCHES if s != "channels_last")
+    assert not any(r["compiled"] for r in rows)  # compiling is for CUDA unless --compile
+    assert all(r["frames"] == 1 + 4 * (2 * 3 - 1) and r["resolution"] == "32x32" for r in rows[1:])  # 4x in time
     assert all(r["fps"] > 0 and r["first_chunk_latency_s"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"][0]["model_size"] == "toy"
     assert gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
@@ -184,18 +180,20 @@ def test_gpu_flex_training_and_bf16_streaming():
     assert (streamed - masked).abs().mean() < 2e-2 and (streamed - masked).abs().max() < 0.25
 
 
-def test_wan_vae_decodes_chunk_by_chunk_as_the_whole_clip():
+@pytest.mark.parametrize("batch_frames, channels_last", [(False, False), (True, False), (True, True)])
+def test_wan_vae_decodes_chunk_by_chunk_as_the_whole_clip(batch_frames, channels_last):
+    """Every decoder switch, on uneven chunks (the stream's first frame inside a chunk, a one-frame chunk)."""
     from diffusers import AutoencoderKLWan
 
     from distill.stream import WanVAEDecoder
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=8, num_res_blocks=1).eval()
-    decoder = WanVAEDecoder(vae)
-    latents = torch.randn(1, 16, 4, 2, 2)
+    decoder = WanVAEDecoder(vae, batch_frames=batch_frames, channels_last=channels_last)
+    latents = torch.randn(1, 16, 6, 2, 2)
     with torch.no_grad():
         whole = vae.decode(latents * decoder.std + decoder.mean).sample
         decoder.reset()
-        streamed = torch.cat([decoder(latents[:, :, :2]), decoder(latents[:, :, 2:])], dim=2)
-    assert streamed.shape == whole.shape == (1, 3, 1 + 4 * 3, 16, 16)
+        streamed = torch.cat([decoder(latents[:, :, part]) for part in (slice(0, 3), slice(3, 4), slice(4, 6))], 2)
+    assert streamed.shape == whole.shape == (1, 3, 1 + 4 * 5, 16, 16)
     torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=1e-5)

@@ -5,11 +5,17 @@ keeping the softmax online in fp32 with exp2 and the log2(e)-folded scale.
 Layout: q, k, v ``[B, H, N, D]`` (tile-major, N a multiple of the block), the kept key blocks per query block
 as a padded index ``[H or 1, Q, max_kept]`` plus counts ``[H or 1, Q]``, and the transpose of that index for
 the dk/dv kernel. Padded keys (tile-major padding) are masked inside the blocks that hold them.
+
+Launch shapes are explicit (:class:`KernelConfig`), not autotuned: autotuning re-benchmarks every config at each
+new shape inside a training or sampling run, and hides which config a measurement used. ``FWD_CANDIDATES`` and
+``BWD_CANDIDATES`` are the space that ``eval/bench_attention.py --sweep`` times on a GPU; ``DEFAULT`` is what the
+product runs.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -20,6 +26,7 @@ from distill.attention.sparse import BlockSparse
 
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KiB)
 
 
 def runs_on(x: Tensor) -> bool:
@@ -27,27 +34,67 @@ def runs_on(x: Tensor) -> bool:
     return x.is_cuda or (_INTERPRET and x.device.type == "cpu")
 
 
-def _configs(options: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """Autotune space: (BLOCK_M, BLOCK_N) sub-blocks of a tile, warps, pipeline stages; chosen so that none
-    spills more than a few registers on sm_90 (checked by compiling for it). One config under the interpreter."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
+@dataclass(frozen=True)
+class Launch:
+    """One kernel's launch shape: BLOCK_M queries x BLOCK_N keys per step (sub-blocks of the pattern's block),
+    warps, and software-pipeline stages of the tile loads (shared memory grows with stages)."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+    def fit(self, block: int) -> Launch:
+        """The launch for blocks of ``block`` tokens: sub-blocks no larger than a block (powers of two, so they
+        tile it). The interpreter always runs 16 x 16 sub-blocks: fast, and tests walk several per block."""
+        if _INTERPRET:
+            return Launch(16, 16, 4, 1)
+        return replace(self, block_m=min(self.block_m, block), block_n=min(self.block_n, block))
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}w{self.warps}s{self.stages}"
 
 
-def _prune(configs, named_args, **kwargs):
-    """Sub-blocks must tile the pattern's block."""
-    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
-    kept = [c for c in configs if block % c.kwargs["BLOCK_M"] == 0 and block % c.kwargs["BLOCK_N"] == 0]
-    small = min(block, 64)  # tiles smaller than every listed sub-block: one sub-block per tile
-    return kept or [triton.Config({"BLOCK_M": small, "BLOCK_N": small}, num_warps=4, num_stages=2)]
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch shapes of the forward, dk/dv and dq kernels. ``dq=None`` computes dq inside the dk/dv kernel and
+    adds it to an fp32 buffer with atomics: 5 matmuls per kept block pair instead of 7 (the separate dq kernel
+    recomputes QK^T and dO V^T), for atomic traffic and dq's last bits varying from run to run."""
+
+    fwd: Launch
+    dkdv: Launch
+    dq: Launch | None
+
+    def __str__(self) -> str:
+        return f"fwd {self.fwd} dkdv {self.dkdv} dq {self.dq or 'atomic'}"
+
+
+# The sweep's space at Wan's shapes (D = 128, tiles of 128 tokens); each compiles for sm_90 within shared memory
+# and without register spills (tests/test_attention_kernel.py). Forward: 128 queries (the whole tile, so a key
+# tile is read once per query tile) by 64 or 128 keys; the 4-warp 64 x 64 shapes fit two programs per SM, whose
+# softmax and matmuls then overlap, for twice the key/value traffic. Backward: (dkdv, dq) pairs; dq None = atomic.
+FWD_CANDIDATES = (Launch(128, 128, 8, 2), Launch(128, 128, 8, 3), Launch(128, 64, 8, 2), Launch(128, 64, 8, 3),
+                  Launch(128, 64, 8, 4), Launch(64, 64, 4, 2), Launch(64, 64, 4, 3))
+BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (Launch(64, 64, 8, 4), None),
+                  (Launch(32, 128, 8, 2), None), (Launch(32, 128, 8, 3), None),
+                  (Launch(64, 64, 8, 3), Launch(128, 64, 8, 2)), (Launch(64, 64, 8, 2), Launch(128, 64, 8, 3)),
+                  (Launch(32, 128, 8, 2), Launch(128, 64, 8, 2)), (Launch(64, 64, 8, 4), Launch(128, 128, 8, 2)))
+# The default backward is atomic dq, since only a 5-matmul backward can reach dense SDPA's rate (a separate dq
+# kernel does 7/5 of the work that the rate counts), with 128 keys per program: the atomics move D * 4 bytes per
+# kept pair / keys per program, and at 64 keys that is 8 bytes (~26 GB per 480p backward at 20% density), twice
+# FlashAttention-3's per FLOP. 128 keys fit the registers only with 32 queries a step, so dq's own matmul runs on
+# mma.sync instead of wgmma (128 x 64 spills). The sweep decides on the GPU.
+DEFAULT = KernelConfig(fwd=Launch(128, 128, 8, 2), dkdv=Launch(32, 128, 8, 2), dq=None)
+# float32 inputs are the exact reference path (tests), not a speed path: one small launch whose tiles fit shared
+# memory at any head dim, for every kernel
+IEEE_LAUNCH = Launch(32, 32, 4, 2)
 
 
 @triton.jit
 def _start(idx_row, it, total, SUB: tl.constexpr, BLOCK: tl.constexpr):
-    """First token of the ``it``-th (kept block, sub-block) pair of one index row (0 past the end). Each loop
-    loads the next start at the end of an iteration, so the tile loads of the next iteration depend only on a
-    loop-carried scalar and Triton's pipeliner multi-buffers them (as in FlexAttention's kernels)."""
+    """First token of the ``it``-th (kept block, sub-block) step of one index row (0 past the end). Loops load
+    the next step's start at the end of a step, so the next tile loads depend only on a loop-carried scalar and
+    Triton's pipeliner multi-buffers them (as in FlexAttention's kernels)."""
     subs = BLOCK // SUB
     block = tl.load(idx_row + it // subs, mask=it < total, other=0)
     return block * BLOCK + (it % subs) * SUB
@@ -60,9 +107,6 @@ def _walk(IDX, CNT, h, s_ih, s_row, s_ch, row, SUB: tl.constexpr, BLOCK: tl.cons
     total = tl.load(CNT + h * s_ch + row) * (BLOCK // SUB)
     idx_row = IDX + h * s_ih + row * s_row
     return idx_row, total, _start(idx_row, 0, total, SUB, BLOCK)
-
-
-_KEY = ["N", "BLOCK", "D", "HAS_PAD", "IEEE"]
 
 
 @triton.jit
@@ -88,9 +132,17 @@ def _mm(a, b, acc, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3),
-                                   (64, 128, 4, 3)]),
-                 key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _key_bias(BIAS, start, offs, HAS_PAD: tl.constexpr):
+    """Added to the scores of the keys from ``start``: 0 at real keys, -inf at padding; zeros (no load) without
+    padding. Kernels load it one step ahead so that its latency hides behind a step's matmuls."""
+    if HAS_PAD:
+        bias = tl.load(BIAS + start + offs)
+    else:
+        bias = tl.zeros_like(offs).to(tl.float32)
+    return bias
+
+
 @triton.jit
 def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
          stride_b, stride_h, stride_n, s_ih, s_iq, s_ch,
@@ -105,15 +157,14 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
     tile_offsets = _ptrs(0, 0, offs, stride_n, D)  # a kept sub-block's offsets from its first token
     q = tl.load(_ptrs(Q, base, rows, stride_n, D))
     idx_row, total, start = _walk(IDX, CNT, h, s_ih, s_iq, s_ch, pid_m * BLOCK_M // BLOCK, BLOCK_N, BLOCK)
+    bias = _key_bias(BIAS, start, offs, HAS_PAD)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for it in range(0, total):
         k = tl.load(K + base + start * stride_n + tile_offsets)
         v = tl.load(V + base + start * stride_n + tile_offsets)
-        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        if HAS_PAD:
-            s += tl.load(BIAS + start + offs)[None, :]  # 0 at real keys, -inf at padding
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + bias[None, :], IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s * qk_scale - m_new[:, None])  # one FMA per score
@@ -121,6 +172,7 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
         acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
         start = _start(idx_row, it + 1, total, BLOCK_N, BLOCK)
+        bias = _key_bias(BIAS, start, offs, HAS_PAD)
     acc = acc / l_i[:, None]
     tl.store(_ptrs(O, base, rows, stride_n, D), acc.to(O.dtype.element_ty))
     tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i))
@@ -137,15 +189,14 @@ def _delta(O, DO, DELTA, stride_b, stride_h, stride_n, H, N, D: tl.constexpr, BL
     tl.store(DELTA + bh * N + rows, tl.sum(o * do, 1))
 
 
-@triton.autotune(configs=_configs([(64, 128, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 3)]),
-                 key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
+def _bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
               stride_b, stride_h, stride_n, s_ih, s_ik, s_ch,
               H, N,
               BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per BLOCK_N keys: loops over the query blocks that keep their tile (transposed index)."""
+              ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per BLOCK_N keys: loops over the query blocks that keep their tile (transposed index). With
+    ATOMIC_DQ it also adds each step's dq into the fp32 buffer DQ."""
     pid_n = tl.program_id(0)
     bh, h, base = _head(H, stride_b, stride_h)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -153,31 +204,31 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scal
     tile_offsets = _ptrs(0, 0, offs, stride_n, D)
     k = tl.load(_ptrs(K, base, cols, stride_n, D))
     v = tl.load(_ptrs(V, base, cols, stride_n, D))
-    if HAS_PAD:
-        bias = tl.load(BIAS + cols)  # 0 at real keys, -inf at padding
+    bias = _key_bias(BIAS, pid_n * BLOCK_N, tl.arange(0, BLOCK_N), HAS_PAD)
     idx_row, total, start = _walk(IDX, CNT, h, s_ih, s_ik, s_ch, pid_n * BLOCK_N // BLOCK, BLOCK_M, BLOCK)
+    lse = tl.load(LSE + bh * N + start + offs)  # per-query terms, loaded one step ahead like the key bias
+    delta = tl.load(DELTA + bh * N + start + offs)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for it in range(0, total):
         q = tl.load(Q + base + start * stride_n + tile_offsets)
         do = tl.load(DO + base + start * stride_n + tile_offsets)
-        lse = tl.load(LSE + bh * N + start + offs)
-        delta = tl.load(DELTA + bh * N + start + offs)
-        st = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
-        if HAS_PAD:
-            st += bias[:, None]
+        st = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32) + bias[:, None], IEEE)
         pt = tl.exp2(st * qk_scale - lse[None, :])
         dv = _mm(pt.to(do.dtype), do, dv, IEEE)
         dpt = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
-        dst = pt * (dpt - delta[None, :])
-        dk = _mm(dst.to(q.dtype), q, dk, IEEE)
+        dst = (pt * (dpt - delta[None, :]) * sm_scale).to(q.dtype)  # scaled here: dk and dq need no pass for it
+        dk = _mm(dst, q, dk, IEEE)
+        if ATOMIC_DQ:
+            dq = _mm(tl.trans(dst), k, tl.zeros([BLOCK_M, D], tl.float32), IEEE)
+            tl.atomic_add(DQ + base + start * stride_n + tile_offsets, dq, sem="relaxed")
         start = _start(idx_row, it + 1, total, BLOCK_M, BLOCK)
-    tl.store(_ptrs(DK, base, cols, stride_n, D), (dk * sm_scale).to(DK.dtype.element_ty))
+        lse = tl.load(LSE + bh * N + start + offs)
+        delta = tl.load(DELTA + bh * N + start + offs)
+    tl.store(_ptrs(DK, base, cols, stride_n, D), dk.to(DK.dtype.element_ty))
     tl.store(_ptrs(DV, base, cols, stride_n, D), dv.to(DV.dtype.element_ty))
 
 
-@triton.autotune(configs=_configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2)]),
-                 key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
             stride_b, stride_h, stride_n, s_ih, s_iq, s_ch,
@@ -195,18 +246,18 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
     lse = tl.load(LSE + bh * N + rows)
     delta = tl.load(DELTA + bh * N + rows)
     idx_row, total, start = _walk(IDX, CNT, h, s_ih, s_iq, s_ch, pid_m * BLOCK_M // BLOCK, BLOCK_N, BLOCK)
+    bias = _key_bias(BIAS, start, offs, HAS_PAD)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for it in range(0, total):
         k = tl.load(K + base + start * stride_n + tile_offsets)
         v = tl.load(V + base + start * stride_n + tile_offsets)
-        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        if HAS_PAD:
-            s += tl.load(BIAS + start + offs)[None, :]
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + bias[None, :], IEEE)
         p = tl.exp2(s * qk_scale - lse[:, None])
         dp = _mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
         ds = p * (dp - delta[:, None])
         dq = _mm(ds.to(k.dtype), k, dq, IEEE)
         start = _start(idx_row, it + 1, total, BLOCK_N, BLOCK)
+        bias = _key_bias(BIAS, start, offs, HAS_PAD)
     tl.store(_ptrs(DQ, base, rows, stride_n, D), (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
@@ -230,9 +281,16 @@ def _index_args(index: tuple[Tensor, Tensor], device: torch.device) -> tuple[Ten
     return idx, cnt, 0 if shared else idx.stride(0), idx.stride(1), 0 if shared else cnt.stride(0)
 
 
+def _launch_args(launch: Launch, block: int, dtype: torch.dtype) -> dict:
+    """Keyword arguments that give a kernel ``launch``'s shape for blocks of ``block`` tokens of ``dtype``."""
+    fitted = (IEEE_LAUNCH if dtype == torch.float32 else launch).fit(block)
+    return dict(BLOCK_M=fitted.block_m, BLOCK_N=fitted.block_n, num_warps=fitted.warps, num_stages=fitted.stages)
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse, scale: float) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse, scale: float,
+                config: KernelConfig) -> Tensor:
         if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):  # one stride set serves all
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, h, n, d = q.shape
@@ -241,37 +299,45 @@ class _BlockSparseAttention(torch.autograd.Function):
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
         bias = cnt if sparse.key_bias is None else sparse.key_bias.to(q.device)  # cnt: unused placeholder
         meta = dict(BLOCK=sparse.block, D=d, HAS_PAD=sparse.key_valid is not None, IEEE=q.dtype == torch.float32)
-        grid = lambda cfg: (n // cfg["BLOCK_M"], b * h)  # noqa: E731
-        _fwd[grid](q, k, v, out, lse, idx, cnt, bias, scale * LOG2E, q.stride(0), q.stride(1), q.stride(2),
-                   s_ih, s_iq, s_ch, h, n, **meta)
+        launch = _launch_args(config.fwd, sparse.block, q.dtype)
+        _fwd[(n // launch["BLOCK_M"], b * h)](q, k, v, out, lse, idx, cnt, bias, scale * LOG2E, q.stride(0),
+                                               q.stride(1), q.stride(2), s_ih, s_iq, s_ch, h, n, **meta, **launch)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.sparse, ctx.scale, ctx.meta, ctx.bias = sparse, scale, meta, bias
+        ctx.sparse, ctx.scale, ctx.meta, ctx.bias, ctx.config = sparse, scale, meta, bias, config
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        sparse, scale, meta = ctx.sparse, ctx.scale, ctx.meta
+        sparse, scale, meta, config = ctx.sparse, ctx.scale, ctx.meta, ctx.config
         if grad_out.stride() != q.stride():
             grad_out = torch.empty_like(q).copy_(grad_out)
         b, h, n, d = q.shape
         strides = (q.stride(0), q.stride(1), q.stride(2))
         delta = torch.empty_like(lse)
-        _delta[(n // 16, b * h)](out, grad_out, delta, *strides, h, n, D=d, BLOCK_M=16)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        rows = min(64, sparse.block)
+        _delta[(n // rows, b * h)](out, grad_out, delta, *strides, h, n, D=d, BLOCK_M=rows)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        atomic = config.dq is None
+        dq = torch.zeros_like(q, dtype=torch.float32) if atomic else torch.empty_like(q)  # q's strides
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.q_index, q.device)
-        _bwd_dkdv[lambda cfg: (n // cfg["BLOCK_N"], b * h)](
-            q, k, v, grad_out, dk, dv, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
-            s_ih, s_iq, s_ch, h, n, **meta)
+        launch = _launch_args(config.dkdv, sparse.block, q.dtype)
+        _bwd_dkdv[(n // launch["BLOCK_N"], b * h)](
+            q, k, v, grad_out, dk, dv, dq, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
+            s_ih, s_iq, s_ch, h, n, **meta, ATOMIC_DQ=atomic, **launch)
+        if atomic:
+            return dq.to(q.dtype), dk, dv, None, None, None
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
-        _bwd_dq[lambda cfg: (n // cfg["BLOCK_M"], b * h)](
+        launch = _launch_args(config.dq, sparse.block, q.dtype)
+        _bwd_dq[(n // launch["BLOCK_M"], b * h)](
             q, k, v, grad_out, dq, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
-            s_ih, s_iq, s_ch, h, n, **meta)
-        return dq, dk, dv, None, None
+            s_ih, s_iq, s_ch, h, n, **meta, **launch)
+        return dq, dk, dv, None, None, None
 
 
-def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse, scale: float | None = None) -> Tensor:
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse, scale: float | None = None,
+                           config: KernelConfig = DEFAULT) -> Tensor:
     """Softmax attention of ``q, k, v`` ``[B, H, N, D]`` over the kept blocks of ``sparse`` (differentiable).
     Strided views such as ``[B, N, H, D].transpose(1, 2)`` (the processor's layout) are read without a copy."""
     _check(q, k, v, sparse)
-    return _BlockSparseAttention.apply(q, k, v, sparse, q.shape[-1] ** -0.5 if scale is None else scale)
+    return _BlockSparseAttention.apply(q, k, v, sparse, q.shape[-1] ** -0.5 if scale is None else scale, config)
