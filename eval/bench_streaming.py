@@ -76,13 +76,16 @@ def build_generator(source: str | dict, latent_size: tuple[int, int], chunk_fram
                               decoder=decoder)
 
 
-def plan(vae: bool, compile_blocks: bool) -> list[dict]:
-    """The measured configurations, in the order run: ``compiled``, ``decode`` and every switch of ``SWITCHES``."""
+def plan(vae: bool, compile_blocks: bool, ends_only: bool = False) -> list[dict]:
+    """The measured configurations, in the order run: ``compiled``, ``decode`` and every switch of ``SWITCHES``;
+    ``ends_only``: the decode as it was and with every switch on, and compiled only with every switch on."""
     old = dict.fromkeys(SWITCHES, False)
     dit = {"decode": False, **old}
-    decoded = [{"decode": True, **old, **step} for step in DECODE_STEPS] if vae else []
+    steps = (DECODE_STEPS[0], DECODE_STEPS[-1]) if ends_only else DECODE_STEPS
+    decoded = [{"decode": True, **old, **step} for step in steps] if vae else []
     eager = [{"compiled": False, **config} for config in (dit, *decoded)]
-    return eager + ([{"compiled": True, **config} for config in (dit, *decoded[-1:])] if compile_blocks else [])
+    compiled = (*decoded[-1:],) if ends_only and vae else (dit, *decoded[-1:])
+    return eager + ([{"compiled": True, **config} for config in compiled] if compile_blocks else [])
 
 
 def set_switches(generator: StreamingGenerator, row: dict) -> None:
@@ -110,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vae-config", default="{}", help="AutoencoderKLWan config overrides (JSON); 'none': no VAE")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure torch.compile'd blocks (default: on CUDA)")
+    parser.add_argument("--ends-only", action="store_true",
+                        help="only the rows of the path as it was and with every switch on (a short GPU run)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: defaults " + json.dumps(TINY))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="", help="default: eval/results/streaming_<gpu>.json")
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "chunks": args.chunks}
     compile_blocks = device.type == "cuda" if args.compile is None else args.compile
     rows, failures, compiled = [], [], False
-    for config in plan(vae_config is not None, compile_blocks):
+    for config in plan(vae_config is not None, compile_blocks, args.ends_only):
         if config["compiled"] and not compiled:
             generator.model.compile_blocks()
             compiled = True
