@@ -38,18 +38,13 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from torch import Tensor
 
+from distill.attention.backends import flex_attention_for
+from distill.attention.patterns import chunk_causal_tokens
+from distill.attention.processor import apply_rotary
 from distill.conditioning import Conditioning
 from distill.schedule import Schedule, TimeLike
 from distill.students import noise_like, make_student
 from teachers.wan import WanDenoiser
-
-
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Wan's rotary embedding on ``[B, S, H, D]`` with interleaved pairs (tables ``[1, S, 1, D]``), as in
-    diffusers' ``WanAttnProcessor``."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def chunk_ids(frames: int, tokens_per_frame: int, chunk_frames: int, device: torch.device | None = None) -> Tensor:
@@ -62,8 +57,7 @@ def chunk_ids(frames: int, tokens_per_frame: int, chunk_frames: int, device: tor
 def block_causal_mask(frames: int, tokens_per_frame: int, chunk_frames: int, device=None) -> Tensor:
     """Boolean ``[S, S]`` (True = attend): a query's chunk is at or after the key's chunk. Cached per layout, as
     every layer of a forward asks for the same one."""
-    ids = chunk_ids(frames, tokens_per_frame, chunk_frames, device)
-    return ids[:, None] >= ids[None, :]
+    return chunk_causal_tokens((frames, 1, tokens_per_frame), chunk_frames, device or "cpu")
 
 
 @functools.lru_cache(maxsize=16)
@@ -75,16 +69,10 @@ def _flex_block_mask(frames: int, tokens_per_frame: int, chunk_frames: int, devi
                              KV_LEN=ids.numel(), device=device)
 
 
-@functools.cache
-def _flex_kernel():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, tokens_per_frame: int, chunk_frames: int) -> Tensor:
     """Block-causal FlexAttention on ``[B, H, S, D]``; the block mask is built once per layout."""
-    return _flex_kernel()(q, k, v, block_mask=_flex_block_mask(frames, tokens_per_frame, chunk_frames, q.device))
+    mask = _flex_block_mask(frames, tokens_per_frame, chunk_frames, q.device)
+    return flex_attention_for(q.device)(q, k, v, block_mask=mask)
 
 
 class KVCache:
@@ -156,7 +144,7 @@ class KVCache:
         self.k_rot[layer, :, n:n + s] = k_rot
         done = self.rotated[layer] * L
         if done < n:
-            self.k_rot[layer, :, done:n] = rotate(self.k[layer, :, done:n], cos[:, done:n], sin[:, done:n])
+            self.k_rot[layer, :, done:n] = apply_rotary(self.k[layer, :, done:n], cos[:, done:n], sin[:, done:n])
             self.rotated[layer] = self.frames
         return self.k_rot[layer, :, :n + s], self.v[layer, :, :n + s]
 
@@ -195,7 +183,7 @@ def _attend_cache(state: _CallState, query: Tensor, key: Tensor, rotated: Tensor
     if torch.is_grad_enabled():  # self-forcing training: keep the static buffers out of the autograd graph
         cached_k, cached_v = cache.window(layer, 0)
         n, (cos, sin) = cached_k.shape[1], state.rope
-        keys = torch.cat([rotate(cached_k, cos[:, :n], sin[:, :n]), rotated], dim=1)
+        keys = torch.cat([apply_rotary(cached_k, cos[:, :n], sin[:, :n]), rotated], dim=1)
         values = torch.cat([cached_v, value], dim=1)
     else:  # the chunk goes in the slots after the valid frames; only write_cache commits it
         keys, values = cache.attend(layer, key, rotated, value, *state.rope)
@@ -222,7 +210,7 @@ class ChunkCausalProcessor:
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         cos, sin = rotary_emb if state.cache is None else state.chunk_rope
-        query, rotated = rotate(query, cos, sin), rotate(key, cos, sin)
+        query, rotated = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if state.cache is None:
             q, k, v = (x.transpose(1, 2) for x in (query, rotated, value))
             if self._use_flex(q):

@@ -27,8 +27,9 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse | None, scale: flo
 _compiled_flex = None
 
 
-def _flex_fn(device: torch.device):
-    """FlexAttention, compiled once per process on CUDA (eager on CPU: an unfused reference)."""
+def flex_attention_for(device: torch.device):
+    """FlexAttention, compiled once per process on CUDA (eager on CPU: an unfused reference); the sparse
+    backends and the causal students' block-causal training share it."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -72,7 +73,7 @@ def flex(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse | None, scale: flo
     if q.device.type == "cpu" and any(x.requires_grad for x in (q, k, v)):
         return sdpa(q, k, v, sparse, scale)
     mask = None if sparse is None else flex_block_mask(sparse, q.device)
-    return _flex_fn(q.device)(q, k, v, block_mask=mask, scale=scale)
+    return flex_attention_for(q.device)(q, k, v, block_mask=mask, scale=scale)
 
 
 def triton(q: Tensor, k: Tensor, v: Tensor, sparse: BlockSparse | None, scale: float) -> Tensor:

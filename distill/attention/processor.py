@@ -20,13 +20,11 @@ from distill.attention.svg import choose_heads
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Wan's rotary embedding on interleaved channel pairs (as diffusers' WanAttnProcessor)."""
+    """Wan's rotary embedding on ``[B, S, H, D]`` with interleaved channel pairs (tables ``[1, S, 1, D]``), as in
+    diffusers' ``WanAttnProcessor``; also the causal students' (distill/causal.py)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def block_pattern(spec: AttentionSpec, layout: TileLayout, device: torch.device | str = "cpu") -> Tensor:
