@@ -42,7 +42,7 @@ from distill.attention.backends import flex_attention_for
 from distill.attention.patterns import chunk_causal_tokens
 from distill.attention.processor import apply_rotary
 from distill.conditioning import Conditioning
-from distill.schedule import Schedule, TimeLike
+from distill.schedule import Schedule, TimeLike, device_times
 from distill.students import noise_like, make_student
 from teachers.wan import WanDenoiser
 
@@ -327,13 +327,6 @@ def denoise_chunk(step: Callable[[Tensor, TimeLike], Tensor], noise: Tensor, tim
         if k < last:
             x = schedule.add_noise(x0.detach(), noise_like(x0, generator), times[k + 1])
     return x0
-
-
-def device_times(times: list[float], device: torch.device | str) -> list[Tensor]:
-    """A step list as 0-d tensors on ``device``, made once per stream by fill kernels: a Python float turned into a
-    device tensor (as the schedule does with a float time) is a blocking host-to-device copy, which would stop the
-    host from queueing work ahead at every step."""
-    return [torch.full((), t, dtype=torch.float32, device=device) for t in times]
 
 
 def _chunks(frames: int, chunk_frames: int) -> list[slice]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +35,13 @@ def broadcast_time(t: TimeLike, x: Tensor) -> Tensor:
     if t.ndim == 2 and t.shape == (x.shape[0], x.shape[2]):
         return t.view(t.shape[0], 1, t.shape[1], 1, 1)
     raise ValueError(f"time of shape {tuple(t.shape)} does not fit latents {tuple(x.shape)}: expected [B] or [B, T]")
+
+
+def device_times(times: Sequence[float], device: torch.device | str) -> list[Tensor]:
+    """A step list as 0-d float32 tensors on ``device``, made once per sampling call by fill kernels: a Python float
+    turned into a device tensor at every step (as :func:`broadcast_time` does with a float) is a blocking
+    host-to-device copy, which stops the host from queueing work ahead of the GPU."""
+    return [torch.full((), t, dtype=torch.float32, device=device) for t in times]
 
 
 def prediction_coefficients(prediction: str, alpha: Tensor, sigma: Tensor) -> tuple[Tensor | float, Tensor | float]:
@@ -230,5 +237,5 @@ def euler_sample(model: Callable[[Tensor, Tensor], Tensor], noise: Tensor, sched
         t = times[i].expand(noise.shape[0]).to(noise.dtype)
         x0, eps = schedule.split(x, t, model(x, t))
         # The last step returns x0 itself: a VP schedule's t = 0 still carries a little noise.
-        x = x0 if i == steps - 1 else schedule.add_noise(x0, eps, times[i + 1].item())
+        x = x0 if i == steps - 1 else schedule.add_noise(x0, eps, times[i + 1])
     return x

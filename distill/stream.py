@@ -27,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from distill.causal import CausalWanDenoiser, KVCache, denoise_chunk, device_times
+from distill.causal import CausalWanDenoiser, KVCache, denoise_chunk
 from distill.conditioning import Conditioning
-from distill.schedule import schedule_from_dict, schedule_to_dict
+from distill.schedule import device_times, schedule_from_dict, schedule_to_dict
 from teachers.wan import WanDenoiser
 
 CONFIG, WEIGHTS = "streaming.json", "model.safetensors"

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from distill.conditioning import Conditioning
+from distill.schedule import device_times
 from teachers.base import Denoiser
 
 
@@ -54,10 +55,10 @@ def rollout(student: Denoiser, noise: Tensor, cond: Conditioning, times: list[fl
     takes the ODE step from each time to the next instead of re-noising the ``x0`` estimate with fresh noise: the
     sampler of a phased consistency student (PCM), whose outputs are consistent only along its own phases.
     """
-    x = noise
+    x, times = noise, device_times(times, noise.device)
     with torch.no_grad():
         for k in range(upto):
-            t = torch.full((x.shape[0],), times[k], device=x.device)
+            t = times[k].expand(x.shape[0])
             if deterministic:
                 x = student.schedule.step(x, t, times[k + 1], student(x, t, cond))
                 continue
@@ -71,4 +72,4 @@ def few_step_sample(student: Denoiser, noise: Tensor, cond: Conditioning, times:
     """Generate with the student's step list: ``x0`` of its last step."""
     x = rollout(student, noise, cond, times, len(times) - 1, generator, deterministic)
     with torch.no_grad():
-        return student.denoise(x, torch.full((x.shape[0],), times[-1], device=x.device), cond)
+        return student.denoise(x, device_times(times[-1:], x.device)[0].expand(x.shape[0]), cond)
