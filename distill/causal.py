@@ -94,7 +94,8 @@ class KVCache:
                              f"one chunk of {chunk_frames} recent frames")
         shape = (layers, batch, (capacity + chunk_frames) * tokens_per_frame, heads, head_dim)
         self.k, self.k_rot, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(3))
-        self.capacity, self.chunk_frames, self.sinks, self.tokens_per_frame = capacity, chunk_frames, sinks, tokens_per_frame
+        self.capacity, self.chunk_frames, self.sinks = capacity, chunk_frames, sinks
+        self.tokens_per_frame = tokens_per_frame
         self.frames = 0  # valid frames in the buffers
         self.seen = 0  # frames ever written
         self.rotated = [0] * layers  # per layer: leading frames whose k_rot matches their current positions

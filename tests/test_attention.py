@@ -9,7 +9,7 @@ from distill.attention import AttentionSpec, BlockSparse, TileLayout, patterns
 from distill.attention.backends import flex, sdpa
 from distill.attention.processor import block_pattern
 from distill.attention.sparse import keep_index
-from distill.attention.svg import choose_heads
+from distill.attention.svg import choose_heads, sample_queries
 from distill.conditioning import Conditioning
 from distill.config import ConfigError, load_job
 
@@ -106,7 +106,8 @@ def test_svg_picks_the_head_pattern_with_the_smaller_error():
     k[:, 1] = q[:, 1].roll(16, dims=1)  # head 1: query token i matches key token i + 16, in the next tile
     own = torch.eye(4, dtype=torch.bool)
     candidates = torch.stack([own, own.roll(1, dims=1)])
-    keep = choose_heads(q, k, torch.randn(1, 2, 64, 16), candidates, 16, None, 32, 0.25)
+    keep = choose_heads(q, k, torch.randn(1, 2, 64, 16), candidates, 16, None, sample_queries(64, 32, None, q.device),
+                        0.25)
     assert torch.equal(keep[0], candidates[0]) and torch.equal(keep[1], candidates[1])
 
 

@@ -16,7 +16,7 @@ from distill.attention.backends import get_backend
 from distill.attention.layout import TileLayout
 from distill.attention.sparse import BlockSparse
 from distill.attention.spec import AttentionSpec
-from distill.attention.svg import choose_heads
+from distill.attention.svg import choose_heads, sample_queries
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -50,6 +50,7 @@ class GridContext:
         self.spec, self.patch_size = spec, tuple(patch_size)
         self.grid: tuple[int, int, int] | None = None
         self._patterns: dict[tuple, tuple[TileLayout, Tensor, BlockSparse | None]] = {}
+        self._svg_queries: dict[tuple, tuple[Tensor | None, Tensor]] = {}
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -70,9 +71,14 @@ class GridContext:
 
     def svg_pattern(self, q: Tensor, k: Tensor, v: Tensor, layout: TileLayout, candidates: Tensor,
                     scale: float) -> BlockSparse:
-        """Sparse VideoGen: per head, the candidate that best matches this call's tile-major q, k, v."""
-        key_valid = layout.key_valid(q.device)
-        keep = choose_heads(q, k, v, candidates, layout.block, key_valid, self.spec.svg_samples, scale)
+        """Sparse VideoGen: per head, the candidate that best matches this call's tile-major q, k, v. The real-key
+        mask and the sampled queries are made once per grid, not at every layer of every forward."""
+        key = (self.grid, str(q.device))
+        if key not in self._svg_queries:
+            key_valid = layout.key_valid(q.device)
+            self._svg_queries[key] = key_valid, sample_queries(q.shape[2], self.spec.svg_samples, key_valid, q.device)
+        key_valid, rows = self._svg_queries[key]
+        keep = choose_heads(q, k, v, candidates, layout.block, key_valid, rows, scale)
         return BlockSparse(keep, layout.block, key_valid)
 
 

@@ -19,14 +19,14 @@ def sample_queries(num_tokens: int, samples: int, valid: Tensor | None, device: 
 
 
 def choose_heads(q: Tensor, k: Tensor, v: Tensor, candidates: Tensor, block: int, key_valid: Tensor | None,
-                 samples: int, scale: float) -> Tensor:
-    """``q, k, v`` ``[B, H, N, D]`` tile-major; ``candidates`` bool ``[C, Q, K]`` over blocks.
+                 rows: Tensor, scale: float) -> Tensor:
+    """``q, k, v`` ``[B, H, N, D]`` tile-major; ``candidates`` bool ``[C, Q, K]`` over blocks; ``rows`` the sampled
+    query positions (:func:`sample_queries`, drawn once per layout by the caller: drawing them needs the host).
 
     Returns bool ``[H, Q, K]``: per head, the candidate whose output on the sampled queries is closest (mean
     squared error over batch, samples and channels) to dense attention.
     """
     with torch.no_grad():
-        rows = sample_queries(q.shape[2], samples, key_valid, q.device)
         scores = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scale  # [B, H, s, N]
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid.to(q.device), float("-inf"))
