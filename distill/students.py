@@ -72,4 +72,4 @@ def few_step_sample(student: Denoiser, noise: Tensor, cond: Conditioning, times:
     """Generate with the student's step list: ``x0`` of its last step."""
     x = rollout(student, noise, cond, times, len(times) - 1, generator, deterministic)
     with torch.no_grad():
-        return student.denoise(x, device_times(times[-1:], x.device)[0].expand(x.shape[0]), cond)
+        return student.denoise(x, torch.full((x.shape[0],), times[-1], device=x.device), cond)

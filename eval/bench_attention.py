@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import itertools
 import math
-import re
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -34,7 +33,7 @@ from triton.errors import TritonError
 from distill.attention import AttentionSpec, BlockSparse, TileLayout, install, patterns, uninstall
 from distill.attention import triton_kernel as tk
 from distill.attention.backends import get_backend
-from eval.results import device_name, write_results
+from eval.results import device_name, gpu_slug, sync, write_results
 
 BWD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (5 matmuls against 2)
 
@@ -53,11 +52,6 @@ class Shape:
 FULL_SHAPES = [Shape("480p", (21, 30, 52), 12, 128, "wan2.1-t2v-1.3b", (16, 21, 60, 104), 512),
                Shape("720p", (21, 45, 80), 12, 128, "wan2.1-t2v-1.3b", (16, 21, 90, 160), 512)]
 QUICK_SHAPES = [Shape("quick", (4, 8, 10), 2, 16, "tiny-random", (3, 2, 16, 16), 8)]  # columns padded 10 -> 12
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
@@ -350,12 +344,6 @@ def model_rows(shape: Shape, density: float, tile: tuple[int, int, int], device:
     return rows
 
 
-def gpu_slug(device: torch.device) -> str:
-    name = device_name(device)
-    found = re.search(r"\b([A-Z]\d{2,4})\b", name)
-    return (found.group(1) if found else re.sub(r"\W+", "_", name)).lower()
-
-
 NOTES = ("batch 1, {dtype}; sliding tile windows (tile {tile} tokens) chosen to hit the target densities, 'density' = "
          "kept tile pairs / all tile pairs of the padded grid; tflops_kept counts kept blocks (4*D per pair forward, "
          "x{fwdbwd} forward+backward); dense SDPA counts all pairs of the real tokens; padded tokens of kept blocks "
@@ -432,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
                                 iters=1 if args.quick else 3)
     notes = NOTES.format(dtype=dtype, tile=list(tile), fwdbwd=1 + BWD_FACTOR, warmup=warmup, iters=iters)
     notes += SWEEP_NOTES if args.sweep else MODEL_NOTES
-    out = args.out or f"eval/results/attention{'_sweep' if args.sweep else ''}_{gpu_slug(device)}.json"
+    out = args.out or f"eval/results/attention{'_sweep' if args.sweep else ''}_{gpu_slug(device_name(device))}.json"
     write_results(out, rows + model, device, notes, append=args.append)
     print(f"wrote {out}")
     print_table(rows, model)

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from the repo root
 
 from distill.conditioning import Batch, Conditioning  # noqa: E402
+from eval.results import sync  # noqa: E402
 
 # (preset, latent shape [C, T, H, W], text tokens, text dim, model dtype, precision, device)
 SIZES = {
@@ -85,10 +86,10 @@ def measure(size: str, mode: str, rank: int, steps: int, warmup: int) -> dict:
         seconds, error = [], None
         try:
             for i in range(warmup + steps):
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 trainer.train_step()
-                _sync(device)
+                sync(device)
                 if i >= warmup:
                     seconds.append(time.perf_counter() - start)
         except torch.OutOfMemoryError as err:  # a result too: this mode does not fit this device
@@ -108,11 +109,6 @@ def measure(size: str, mode: str, rank: int, steps: int, warmup: int) -> dict:
         row.update(peak_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
                    memory="cpu peak RSS")
     return row
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict:
@@ -150,11 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(SIZES[args.size][6])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--size {args.size} needs a CUDA device (use --tiny on a CPU)")
-    from eval.results import device_name, write_results
+    from eval.results import device_name, gpu_slug, write_results
 
     rows = [run_mode(args, mode) for mode in args.modes]
     name = device_name(device)
-    out = args.out or f"eval/results/memory_{name.split()[1].lower() if device.type == 'cuda' else 'cpu'}.json"
+    out = args.out or f"eval/results/memory_{gpu_slug(name) if device.type == 'cuda' else 'cpu'}.json"
     _, _, tokens, dim, dtype, _, _ = SIZES[args.size]
     memory = "cuda max allocated" if device.type == "cuda" else "cpu peak RSS"
     notes = (f"One DMD2 step = 1 critic update + 1 generator update (student rollout to a random step of 4, "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from distill.causal import CausalWanDenoiser
 from distill.conditioning import Conditioning
 from distill.schedule import schedule_to_dict
 from distill.stream import StreamingConfig, StreamingGenerator, WanVAEDecoder, measure
-from eval.results import device_name, write_results
+from eval.results import device_name, gpu_slug, write_results
 from teachers.wan import WanDenoiser
 
 # --tiny: a 16-channel toy Wan (the Wan VAE's latent channels) and a toy VAE, small enough for a CPU test
@@ -41,12 +40,6 @@ SWITCHES = ("vae_batch_frames", "cudnn_benchmark", "channels_last", "overlap_dec
 DECODE_STEPS = ({}, {"cudnn_benchmark": True}, {"cudnn_benchmark": True, "channels_last": True},
                 {"cudnn_benchmark": True, "vae_batch_frames": True},
                 {"cudnn_benchmark": True, "vae_batch_frames": True, "overlap_decode": True})
-
-
-def gpu_slug(name: str) -> str:
-    """``NVIDIA H100 80GB HBM3`` -> ``h100`` (the file name's ``<gpu>``)."""
-    found = re.search(r"\b([a-z]+\d{2,4}[a-z]?)\b", name.lower())
-    return found.group(1) if found else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def build_generator(source: str | dict, latent_size: tuple[int, int], chunk_frames: int, steps: int,

@@ -20,6 +20,7 @@ from distill.schedule import euler_sample
 from distill.students import few_step_sample, step_subset
 from distill.text import TextEncoder
 from eval.probe import Probe, attribute_accuracy, fvd_probe, reference_features
+from eval.results import sync
 from teachers.base import Denoiser
 
 EVAL_PROMPT_SEED = 20_241_124
@@ -98,11 +99,6 @@ def load_sampler(model_dir: str | Path, device: torch.device, guidance: float, t
     return load_samplers(model_dir, device, guidance, teacher_steps=teacher_steps)[0]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def generate(sampler: Sampler, captions: list[str], text_encoder: TextEncoder, shape: tuple[int, int, int, int],
              device: torch.device, batch_size: int = 64, seed: int = 0, negative_prompt: str = "",
              progress: bool = True) -> tuple[Tensor, float]:
@@ -125,10 +121,10 @@ def generate(sampler: Sampler, captions: list[str], text_encoder: TextEncoder, s
             if start == 0:
                 sampler(cond.index(slice(0, 1)), noise[:1])  # warm-up: kernels, allocator, caches
             torch.manual_seed(seed * 1_000_003 + start)  # samplers that re-noise draw from the global generator
-            _sync(device)
+            sync(device)
             began = time.perf_counter()
             video = sampler(cond, noise)
-            _sync(device)
+            sync(device)
         seconds += time.perf_counter() - began
         videos.append(video.float().clamp(-1, 1).cpu())
     return torch.cat(videos), seconds

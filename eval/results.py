@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -19,6 +20,18 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({os.cpu_count()} cores)"
+
+
+def gpu_slug(name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``h100``: the ``<gpu>`` of a benchmark's results file name."""
+    found = re.search(r"\b([a-z]+\d{2,4}[a-z]?)\b", name.lower())
+    return found.group(1) if found else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timers read the host clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def git_commit() -> str:

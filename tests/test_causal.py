@@ -133,7 +133,8 @@ def test_cache_mode_with_gradient_matches_inference(causal):
 def test_streaming_benchmark_runs_at_toy_size(tmp_path):
     """eval/bench_streaming.py --tiny end to end on the CPU: a 16-channel toy Wan and a toy Wan VAE, every eager row
     (the old decode path, then each switch)."""
-    from eval.bench_streaming import DECODE_STEPS, SWITCHES, gpu_slug, main as bench
+    from eval.bench_streaming import DECODE_STEPS, SWITCHES, main as bench
+    from eval.results import gpu_slug
 
     out = tmp_path / "streaming.json"
     rows = bench(["--tiny", "--device", "cpu", "--out", str(out)])
