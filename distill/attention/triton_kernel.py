@@ -79,12 +79,11 @@ BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (L
                   (Launch(32, 128, 8, 2), None), (Launch(32, 128, 8, 3), None),
                   (Launch(64, 64, 8, 3), Launch(128, 64, 8, 2)), (Launch(64, 64, 8, 2), Launch(128, 64, 8, 3)),
                   (Launch(32, 128, 8, 2), Launch(128, 64, 8, 2)), (Launch(64, 64, 8, 4), Launch(128, 128, 8, 2)))
-# The default backward is atomic dq, since only a 5-matmul backward can reach dense SDPA's rate (a separate dq
-# kernel does 7/5 of the work that the rate counts), with 128 keys per program: the atomics move D * 4 bytes per
-# kept pair / keys per program, and at 64 keys that is 8 bytes (~26 GB per 480p backward at 20% density), twice
-# FlashAttention-3's per FLOP. 128 keys fit the registers only with 32 queries a step, so dq's own matmul runs on
-# mma.sync instead of wgmma (128 x 64 spills). The sweep decides on the GPU.
-DEFAULT = KernelConfig(fwd=Launch(128, 128, 8, 2), dkdv=Launch(32, 128, 8, 2), dq=None)
+# DEFAULT is the sweep's choice on an H200 (eval/results/attention_sweep_h200.json, 480p, 20% density): the
+# 3-stage 128 x 128 forward (0.81 of dense SDPA's rate) and the two-kernel backward (0.65 forward+backward). The
+# atomic-dq backward does 5 matmuls per kept pair instead of 7, yet ran at most 0.55: its fp32 atomic adds (4 bytes
+# per kept pair, which FlashAttention-3 issues as bulk TMA reductions) cost more than the two recomputed matmuls.
+DEFAULT = KernelConfig(fwd=Launch(128, 128, 8, 3), dkdv=Launch(32, 128, 8, 2), dq=Launch(128, 64, 8, 2))
 # float32 inputs are the exact reference path (tests), not a speed path: one small launch whose tiles fit shared
 # memory at any head dim, for every kernel
 IEEE_LAUNCH = Launch(32, 32, 4, 2)
