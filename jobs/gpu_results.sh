@@ -4,6 +4,9 @@
 #   jobs/gpu_results.sh evaluate   # dmd_tiny, lora_tiny, sparse_tiny, methods_tiny (512 prompts each)
 #   jobs/gpu_results.sh causal     # causal DMD (diffusion forcing, self-forcing) from the regression student; causal_tiny
 #   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks, each alone on the GPU
+# and later on one H200 (three calls):
+#   jobs/gpu_results.sh methods    # cd_s4, cd_s1, dmd_s1, dmd_gan_s1 side by side (4.8 min each), then methods_tiny_h200
+#   jobs/gpu_results.sh h200       # the Triton sweep, attention at 480p and 720p (20% density), compiled streaming
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -50,5 +53,20 @@ case "${1:-}" in
     python eval/bench_attention.py --shapes 480p
     python eval/bench_memory.py
     python eval/bench_streaming.py ;;
-  *) echo "usage: $0 students|evaluate|causal|bench" >&2; exit 2 ;;
+  methods)
+    MIN=4.8
+    train cd_s4 jobs/tiny_cd.toml --set method.student_steps=4
+    train cd_s1 jobs/tiny_cd.toml --set method.student_steps=1
+    train dmd_s1 jobs/tiny_dmd.toml --set method.student_steps=1
+    train dmd_gan_s1 jobs/tiny_dmd_gan.toml --set method.student_steps=1
+    wait
+    python eval/compare_methods.py $R/{cd_s4,cd_s1,dmd_s1,dmd_gan_s1}/model --num $NUM --device cuda \
+      --out eval/results/methods_tiny_h200.json ;;
+  h200)
+    python eval/bench_attention.py --sweep  # then DEFAULT in distill/attention/triton_kernel.py = its 'chosen' row
+    python eval/bench_attention.py --shapes 480p --densities 0.2 --out eval/results/attention_h200.json
+    python eval/bench_attention.py --shapes 720p --densities 0.2 --iters 5 --out eval/results/attention_h200.json --append
+    # its compiled row was appended to eval/results/streaming_h200.json (eager rows: --ends-only --no-compile --chunks 8)
+    python eval/bench_streaming.py --ends-only --compile --chunks 8 --out runs/streaming_compiled.json ;;
+  *) echo "usage: $0 students|evaluate|causal|bench|methods|h200" >&2; exit 2 ;;
 esac
