@@ -5,6 +5,7 @@ GPU in bf16 at kernel-sized blocks (``pytest -m gpu``)."""
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -60,11 +61,15 @@ _SCRIPT = """
 from functools import partial
 from distill.attention.triton_kernel import DEFAULT, KernelConfig, Launch, block_sparse_attention
 from tests.test_attention_kernel import compare
-for dq in (Launch(16, 16, 4, 1), None):  # a separate dq kernel; dq by atomics in the dk/dv kernel
-    kernel = partial(block_sparse_attention, config=KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, dq))
+tma = Launch(16, 16, 4, 1, tma=True)
+configs = [KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, Launch(16, 16, 4, 1)),  # a separate dq kernel
+           KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, None),  # dq by atomics in the dk/dv kernel
+           KernelConfig(tma, tma, tma)]  # streamed tiles by TMA descriptors ([B, N, H, D] memory in the 2nd case)
+for config in configs:
+    kernel = partial(block_sparse_attention, config=config)
     for case in [(1, 2, 4, 16, 16, False, True), (2, 3, 3, 32, 32, True, False)]:
         errors = compare(*case, strided=case[0] == 2, backend=kernel)
-        assert max(errors) < 1e-5, (dq, case, errors)
+        assert max(errors) < 1e-5, (config, case, errors)
 print("ok")
 """
 
@@ -79,11 +84,15 @@ def test_triton_kernel_in_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.parametrize("block,dim,shared,padded", [(128, 128, True, True), (64, 128, False, False),
                                                       (64, 64, True, False)])
-@pytest.mark.parametrize("atomic_dq", [False, True])
-def test_triton_kernel_bf16_on_gpu(block, dim, shared, padded, atomic_dq):
+@pytest.mark.parametrize("backward", ["two kernels", "atomic dq", "tma", "tma atomic dq"])
+def test_triton_kernel_bf16_on_gpu(block, dim, shared, padded, backward):
     from distill.attention.triton_kernel import DEFAULT, KernelConfig, Launch, block_sparse_attention
 
-    config = KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, None if atomic_dq else Launch(128, 64, 8, 2))
+    config = {"two kernels": KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, Launch(128, 64, 8, 2)),
+              "atomic dq": KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, None),
+              "tma": KernelConfig(Launch(128, 128, 8, 3, True), Launch(32, 128, 8, 2, True),
+                                  Launch(128, 64, 8, 2, True)),
+              "tma atomic dq": KernelConfig(Launch(128, 128, 8, 3, True), Launch(32, 128, 8, 2, True), None)}[backward]
     kernel = partial(block_sparse_attention, config=config)
     errors = compare(2, 4, 8, block, dim, shared, padded, device="cuda", dtype=torch.bfloat16, strided=shared,
                      backend=kernel)
@@ -150,8 +159,9 @@ def _hopper_kernels() -> list[tuple]:
         cases.add((tk._bwd_dkdv, dkdv, (("ATOMIC_DQ", dq is None),), "bf16"))
         if dq is not None:
             cases.add((tk._bwd_dq, dq, (), "bf16"))
-    cases |= {(tk._fwd, tk.IEEE_LAUNCH, (), "fp32"), (tk._bwd_dq, tk.IEEE_LAUNCH, (), "fp32")}
-    cases |= {(tk._bwd_dkdv, tk.IEEE_LAUNCH, (("ATOMIC_DQ", atomic),), "fp32") for atomic in (False, True)}
+    for ieee in (tk.IEEE_LAUNCH, replace(tk.IEEE_LAUNCH, tma=True)):
+        cases |= {(tk._fwd, ieee, (), "fp32"), (tk._bwd_dq, ieee, (), "fp32")}
+        cases |= {(tk._bwd_dkdv, ieee, (("ATOMIC_DQ", atomic),), "fp32") for atomic in (False, True)}
     return sorted(cases, key=lambda c: (c[0].__name__, str(c[1]), c[2], c[3]))
 
 
@@ -189,7 +199,12 @@ def test_kernels_compile_for_hopper(kernel, launch, extra, dtype, tmp_path):
         fn = fn.fn
     consts = dict(BLOCK=128, D=128, HAS_PAD=True, IEEE=dtype == "fp32", BLOCK_M=launch.block_m,
                   BLOCK_N=launch.block_n, **extra)
-    signature = {a: "constexpr" if a in consts else pointers.get(a, f"*{dtype}" if a in tensors
+    streamed_rows = launch.block_n if fn.__name__ in ("_fwd", "_bwd_dq") else launch.block_m
+    if launch.tma:  # the streamed tiles' descriptors (_streamed); fp32 dq with atomics
+        pointers |= {a: f"tensordesc<{dtype}[{streamed_rows}, 128]>" for a in fn.arg_names if a.endswith("_TMA")}
+        pointers["DQ_TMA"] = f"tensordesc<fp32[{launch.block_m}, 128]>" if extra.get("ATOMIC_DQ") else "*fp32"
+    consts["TMA"] = launch.tma
+    signature = {a: "constexpr" if a in consts else pointers.get(a, f"*{dtype}" if a in tensors or a.endswith("_TMA")
                                                                else "fp32" if "scale" in a else "i32")
                  for a in fn.arg_names}
     aligned = [i for i, a in enumerate(fn.arg_names)
@@ -199,7 +214,9 @@ def test_kernels_compile_for_hopper(kernel, launch, extra, dtype, tmp_path):
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": launch.warps, "num_stages": launch.stages})
     ptx = compiled.asm["ptx"]
-    assert "cp.async" in ptx and ("wgmma.mma_async" in ptx or dtype == "fp32")
+    assert ("cp.async.bulk.tensor" if launch.tma else "cp.async") in ptx  # the streamed tiles are pipelined copies
+    assert ("cp.reduce.async.bulk.tensor" in ptx) == (launch.tma and bool(extra.get("ATOMIC_DQ")))  # dq by TMA
+    assert "wgmma.mma_async" in ptx or dtype == "fp32"
     assert compiled.metadata.shared <= MAX_SHARED_BYTES, compiled.metadata.shared
     cubin = tmp_path / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from distill.attention.sparse import BlockSparse
 
@@ -37,22 +38,25 @@ def runs_on(x: Tensor) -> bool:
 @dataclass(frozen=True)
 class Launch:
     """One kernel's launch shape: BLOCK_M queries x BLOCK_N keys per step (sub-blocks of the pattern's block),
-    warps, and software-pipeline stages of the tile loads (shared memory grows with stages)."""
+    warps, and software-pipeline stages of the tile loads (shared memory grows with stages). ``tma``: the tiles
+    that a program streams over its kept blocks come by Hopper's bulk tensor copies (TMA) straight into shared
+    memory, where the tensor cores read them, instead of by per-thread loads that need address registers."""
 
     block_m: int
     block_n: int
     warps: int
     stages: int
+    tma: bool = False
 
     def fit(self, block: int) -> Launch:
         """The launch for blocks of ``block`` tokens: sub-blocks no larger than a block (powers of two, so they
         tile it). The interpreter always runs 16 x 16 sub-blocks: fast, and tests walk several per block."""
         if _INTERPRET:
-            return Launch(16, 16, 4, 1)
+            return Launch(16, 16, 4, 1, self.tma)
         return replace(self, block_m=min(self.block_m, block), block_n=min(self.block_n, block))
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}w{self.warps}s{self.stages}"
+        return f"{self.block_m}x{self.block_n}w{self.warps}s{self.stages}{'tma' if self.tma else ''}"
 
 
 @dataclass(frozen=True)
@@ -73,19 +77,25 @@ class KernelConfig:
 # and without register spills (tests/test_attention_kernel.py). Forward: 128 queries (the whole tile, so a key
 # tile is read once per query tile) by 64 or 128 keys; the 4-warp 64 x 64 shapes fit two programs per SM, whose
 # softmax and matmuls then overlap, for twice the key/value traffic. Backward: (dkdv, dq) pairs; dq None = atomic.
+# The TMA variants of the best shapes are not yet timed (added after the H200 sweep).
 FWD_CANDIDATES = (Launch(128, 128, 8, 2), Launch(128, 128, 8, 3), Launch(128, 64, 8, 2), Launch(128, 64, 8, 3),
-                  Launch(128, 64, 8, 4), Launch(64, 64, 4, 2), Launch(64, 64, 4, 3))
+                  Launch(128, 64, 8, 4), Launch(64, 64, 4, 2), Launch(64, 64, 4, 3),
+                  Launch(128, 128, 8, 2, True), Launch(128, 128, 8, 3, True), Launch(128, 64, 8, 3, True))
 BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (Launch(64, 64, 8, 4), None),
                   (Launch(32, 128, 8, 2), None), (Launch(32, 128, 8, 3), None),
                   (Launch(64, 64, 8, 3), Launch(128, 64, 8, 2)), (Launch(64, 64, 8, 2), Launch(128, 64, 8, 3)),
-                  (Launch(32, 128, 8, 2), Launch(128, 64, 8, 2)), (Launch(64, 64, 8, 4), Launch(128, 128, 8, 2)))
+                  (Launch(32, 128, 8, 2), Launch(128, 64, 8, 2)), (Launch(64, 64, 8, 4), Launch(128, 128, 8, 2)),
+                  (Launch(32, 128, 8, 2, True), Launch(128, 64, 8, 2, True)),
+                  (Launch(32, 128, 8, 3, True), Launch(128, 64, 8, 3, True)),
+                  (Launch(64, 64, 8, 3, True), Launch(128, 64, 8, 3, True)),
+                  (Launch(32, 128, 8, 2, True), None), (Launch(64, 64, 8, 3, True), None))
 # DEFAULT is the sweep's choice on an H200 (eval/results/attention_sweep_h200.json, 480p, 20% density): the
 # 3-stage 128 x 128 forward (0.81 of dense SDPA's rate) and the two-kernel backward (0.65 forward+backward). The
 # atomic-dq backward does 5 matmuls per kept pair instead of 7, yet ran at most 0.55: its fp32 atomic adds (4 bytes
 # per kept pair, which FlashAttention-3 issues as bulk TMA reductions) cost more than the two recomputed matmuls.
 DEFAULT = KernelConfig(fwd=Launch(128, 128, 8, 3), dkdv=Launch(32, 128, 8, 2), dq=Launch(128, 64, 8, 2))
 # float32 inputs are the exact reference path (tests), not a speed path: one small launch whose tiles fit shared
-# memory at any head dim, for every kernel
+# memory at any head dim, for every kernel (with or without TMA, as the launch it stands in for)
 IEEE_LAUNCH = Launch(32, 32, 4, 2)
 
 
@@ -123,6 +133,25 @@ def _ptrs(X, base, rows, stride_n, D: tl.constexpr):
 
 
 @triton.jit
+def _tile(X, X_TMA, base, start, tile_offsets, stride_n, TMA: tl.constexpr):
+    """The kept sub-block of rows from ``start`` of one (batch, head) slice: one bulk tensor copy through the
+    descriptor ``X_TMA`` (X's storage seen as rows of ``stride_n`` elements, :func:`_streamed`), or pointer loads."""
+    if TMA:
+        return X_TMA.load([(base // stride_n + start).to(tl.int32), (base % stride_n).to(tl.int32)])
+    return tl.load(X + base + start * stride_n + tile_offsets)
+
+
+@triton.jit
+def _add_tile(X, X_TMA, base, start, tile_offsets, stride_n, value, TMA: tl.constexpr):
+    """Atomically add ``value`` to the sub-block that :func:`_tile` reads: one bulk TMA reduction (as
+    FlashAttention-3 accumulates dq), or per-element atomics. Triton's interpreter has no bulk reduction."""
+    if TMA:
+        X_TMA.atomic_add([(base // stride_n + start).to(tl.int32), (base % stride_n).to(tl.int32)], value)
+    else:
+        tl.atomic_add(X + base + start * stride_n + tile_offsets, value, sem="relaxed")
+
+
+@triton.jit
 def _mm(a, b, acc, IEEE: tl.constexpr):
     """``acc + a @ b`` accumulated in place (wgmma on Hopper); exact fp32 for float32 inputs (the tests'
     reference precision), tensor-core precision otherwise."""
@@ -143,10 +172,10 @@ def _key_bias(BIAS, start, offs, HAS_PAD: tl.constexpr):
 
 
 @triton.jit
-def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
+def _fwd(Q, K, V, K_TMA, V_TMA, O, LSE, IDX, CNT, BIAS, qk_scale,
          stride_b, stride_h, stride_n, s_ih, s_iq, s_ch,
          H, N,
-         BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+         BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per BLOCK_M queries: online softmax over the kept key blocks of their tile."""
     pid_m = tl.program_id(0)
@@ -161,8 +190,8 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT, BIAS, qk_scale,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for it in range(0, total):
-        k = tl.load(K + base + start * stride_n + tile_offsets)
-        v = tl.load(V + base + start * stride_n + tile_offsets)
+        k = _tile(K, K_TMA, base, start, tile_offsets, stride_n, TMA)
+        v = _tile(V, V_TMA, base, start, tile_offsets, stride_n, TMA)
         s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + bias[None, :], IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
@@ -189,10 +218,10 @@ def _delta(O, DO, DELTA, stride_b, stride_h, stride_n, H, N, D: tl.constexpr, BL
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
+def _bwd_dkdv(Q, K, V, DO, Q_TMA, DO_TMA, DK, DV, DQ, DQ_TMA, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
               stride_b, stride_h, stride_n, s_ih, s_ik, s_ch,
               H, N,
-              BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
               ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per BLOCK_N keys: loops over the query blocks that keep their tile (transposed index). With
     ATOMIC_DQ it also adds each step's dq into the fp32 buffer DQ."""
@@ -210,8 +239,8 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for it in range(0, total):
-        q = tl.load(Q + base + start * stride_n + tile_offsets)
-        do = tl.load(DO + base + start * stride_n + tile_offsets)
+        q = _tile(Q, Q_TMA, base, start, tile_offsets, stride_n, TMA)
+        do = _tile(DO, DO_TMA, base, start, tile_offsets, stride_n, TMA)
         st = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32) + bias[:, None], IEEE)
         pt = tl.exp2(st * qk_scale - lse[None, :])
         dv = _mm(pt.to(do.dtype), do, dv, IEEE)
@@ -220,7 +249,7 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_
         dk = _mm(dst, q, dk, IEEE)
         if ATOMIC_DQ:
             dq = _mm(tl.trans(dst), k, tl.zeros([BLOCK_M, D], tl.float32), IEEE)
-            tl.atomic_add(DQ + base + start * stride_n + tile_offsets, dq, sem="relaxed")
+            _add_tile(DQ, DQ_TMA, base, start, tile_offsets, stride_n, dq, TMA)
         start = _start(idx_row, it + 1, total, BLOCK_M, BLOCK)
         lse = tl.load(LSE + bh * N + start + offs)
         delta = tl.load(DELTA + bh * N + start + offs)
@@ -229,10 +258,10 @@ def _bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
+def _bwd_dq(Q, K, V, DO, K_TMA, V_TMA, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
             stride_b, stride_h, stride_n, s_ih, s_iq, s_ch,
             H, N,
-            BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+            BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per BLOCK_M queries: loops over their kept key blocks."""
     pid_m = tl.program_id(0)
@@ -248,8 +277,8 @@ def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
     bias = _key_bias(BIAS, start, offs, HAS_PAD)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for it in range(0, total):
-        k = tl.load(K + base + start * stride_n + tile_offsets)
-        v = tl.load(V + base + start * stride_n + tile_offsets)
+        k = _tile(K, K_TMA, base, start, tile_offsets, stride_n, TMA)
+        v = _tile(V, V_TMA, base, start, tile_offsets, stride_n, TMA)
         s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + bias[None, :], IEEE)
         p = tl.exp2(s * qk_scale - lse[:, None])
         dp = _mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
@@ -280,10 +309,32 @@ def _index_args(index: tuple[Tensor, Tensor], device: torch.device) -> tuple[Ten
     return idx, cnt, 0 if shared else idx.stride(0), idx.stride(1), 0 if shared else cnt.stride(0)
 
 
-def _launch_args(launch: Launch, block: int, dtype: torch.dtype) -> dict:
-    """Keyword arguments that give a kernel ``launch``'s shape for blocks of ``block`` tokens of ``dtype``."""
-    fitted = (IEEE_LAUNCH if dtype == torch.float32 else launch).fit(block)
-    return dict(BLOCK_M=fitted.block_m, BLOCK_N=fitted.block_n, num_warps=fitted.warps, num_stages=fitted.stages)
+def _launch_args(launch: Launch, block: int, x: Tensor) -> dict:
+    """Keyword arguments that give a kernel ``launch``'s shape for blocks of ``block`` tokens of ``x``'s dtype, and
+    whether its streamed tiles come by TMA (only where ``x``'s layout allows it, see :func:`_streamed`)."""
+    fitted = (replace(IEEE_LAUNCH, tma=launch.tma) if x.dtype == torch.float32 else launch).fit(block)
+    return dict(BLOCK_M=fitted.block_m, BLOCK_N=fitted.block_n, num_warps=fitted.warps, num_stages=fitted.stages,
+                TMA=fitted.tma and _tma_ready(x))
+
+
+def _tma_ready(x: Tensor) -> bool:
+    """Whether bulk tensor copies can read ``x``: 16-byte aligned rows of ``stride_n`` elements that hold each
+    (batch, head) slice as whole row segments. Contiguous ``[B, H, N, D]`` (a slice is N rows of D) and
+    ``[B, N, H, D]`` memory (a head is D columns of each row) both do."""
+    _, h, _, d = x.shape
+    sb, sh, sn, sd = x.stride()
+    aligned = x.data_ptr() % 16 == 0 and sn * x.element_size() % 16 == 0
+    return aligned and sd == 1 and sb % sn == 0 and (sh % sn == 0 or (h - 1) * sh + d <= sn)
+
+
+def _streamed(x: Tensor, rows: int, tma: bool) -> Tensor | TensorDescriptor:
+    """What a kernel reads ``x``'s kept sub-blocks of ``rows`` tokens through: a TMA descriptor over its storage as
+    rows of ``stride_n`` elements (:func:`_tile` finds a slice's origin in it), or ``x`` itself for pointer loads."""
+    if not tma:
+        return x
+    b, _, _, d = x.shape
+    sb, sn = x.stride(0), x.stride(2)
+    return TensorDescriptor(x, [b * sb // sn, sn], [sn, 1], [rows, d])
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -298,9 +349,11 @@ class _BlockSparseAttention(torch.autograd.Function):
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
         bias = cnt if sparse.key_bias is None else sparse.key_bias.to(q.device)  # cnt: unused placeholder
         meta = dict(BLOCK=sparse.block, D=d, HAS_PAD=sparse.key_valid is not None, IEEE=q.dtype == torch.float32)
-        launch = _launch_args(config.fwd, sparse.block, q.dtype)
-        _fwd[(n // launch["BLOCK_M"], b * h)](q, k, v, out, lse, idx, cnt, bias, scale * LOG2E, q.stride(0),
-                                               q.stride(1), q.stride(2), s_ih, s_iq, s_ch, h, n, **meta, **launch)
+        launch = _launch_args(config.fwd, sparse.block, q)
+        streamed = [_streamed(x, launch["BLOCK_N"], launch["TMA"]) for x in (k, v)]
+        _fwd[(n // launch["BLOCK_M"], b * h)](q, k, v, *streamed, out, lse, idx, cnt, bias, scale * LOG2E,
+                                               q.stride(0), q.stride(1), q.stride(2), s_ih, s_iq, s_ch, h, n, **meta,
+                                               **launch)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.sparse, ctx.scale, ctx.meta, ctx.bias, ctx.config = sparse, scale, meta, bias, config
         return out
@@ -320,16 +373,19 @@ class _BlockSparseAttention(torch.autograd.Function):
         atomic = config.dq is None
         dq = torch.zeros_like(q, dtype=torch.float32) if atomic else torch.empty_like(q)  # q's strides
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.q_index, q.device)
-        launch = _launch_args(config.dkdv, sparse.block, q.dtype)
+        launch = _launch_args(config.dkdv, sparse.block, q)
+        streamed = [_streamed(x, launch["BLOCK_M"], launch["TMA"]) for x in (q, grad_out)]
+        dq_target = _streamed(dq, launch["BLOCK_M"], launch["TMA"] and atomic)
         _bwd_dkdv[(n // launch["BLOCK_N"], b * h)](
-            q, k, v, grad_out, dk, dv, dq, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
+            q, k, v, grad_out, *streamed, dk, dv, dq, dq_target, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
             s_ih, s_iq, s_ch, h, n, **meta, ATOMIC_DQ=atomic, **launch)
         if atomic:
             return dq.to(q.dtype), dk, dv, None, None, None
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
-        launch = _launch_args(config.dq, sparse.block, q.dtype)
+        launch = _launch_args(config.dq, sparse.block, q)
+        streamed = [_streamed(x, launch["BLOCK_N"], launch["TMA"]) for x in (k, v)]
         _bwd_dq[(n // launch["BLOCK_M"], b * h)](
-            q, k, v, grad_out, dq, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
+            q, k, v, grad_out, *streamed, dq, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
             s_ih, s_iq, s_ch, h, n, **meta, **launch)
         return dq, dk, dv, None, None, None
 
