@@ -5,8 +5,9 @@ distillation, CausVid, Yin et al. 2025), in two ways of making the student's sam
   student's own block-masked rollout (chunks see earlier chunks noisy, as in diffusion forcing, Chen et al. 2024);
   one forward with gradient gives ``x0`` of all chunks.
 - ``self_forcing`` (Huang et al. 2025): the student generates chunk by chunk with its KV cache exactly as at
-  inference, each chunk stopping at a randomly drawn step that alone carries the gradient; the cache is written
-  from the detached ``x0``. Training sees the student's own context, so errors do not accumulate at test time.
+  inference, every chunk stopping at one randomly drawn step (the same for all chunks of a rollout) that alone
+  carries the gradient; the cache is written from the detached ``x0``. Training sees the student's own context,
+  so errors do not accumulate at test time.
 
 The critic (fake score) stays bidirectional like the teacher; the loss terms are :class:`losses.dmd.DMDMethod`'s.
 """
@@ -23,6 +24,15 @@ from distill.conditioning import Batch
 from distill.config import DataConfig, StudentConfig
 from losses.dmd import DMDMethod
 from teachers.base import Denoiser
+
+
+def self_forcing_exits(frame_steps: Tensor, chunk_frames: int) -> list[int]:
+    """Self-Forcing's exit step of each chunk: one draw per rollout, shared by every chunk (Huang et al. 2025,
+    Algorithm 1; ``same_step_across_blocks`` in their code). A rollout is then the student's own sampler stopped at
+    that step, and at the last step exactly inference; independent draws per chunk would build almost every
+    chunk's context from chunks stopped at other steps, a context inference never gives it."""
+    chunks = -(-frame_steps.shape[1] // chunk_frames)
+    return [int(frame_steps[0, 0])] * chunks
 
 
 @dataclass
@@ -46,7 +56,7 @@ class CausalDMDMethod(DMDMethod):
         steps = chunk_steps(shape[0], shape[2], self.student.chunk_frames, len(self.times), generator)
         with torch.set_grad_enabled(grad):
             if self.student.mode == "self_forcing":
-                per_chunk = steps[0, ::self.student.chunk_frames].tolist()  # one draw per chunk for the batch
-                return stream_sample(student, noise, batch.cond, self.times, generator=generator, grad_steps=per_chunk)
+                exits = self_forcing_exits(steps, self.student.chunk_frames)
+                return stream_sample(student, noise, batch.cond, self.times, generator=generator, grad_steps=exits)
             x_t, t = forcing_rollout(student, noise, batch.cond, self.times, steps, generator)
             return student.denoise(x_t, t, batch.cond)

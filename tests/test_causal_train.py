@@ -47,6 +47,24 @@ def test_forcing_rollout_leaves_chunks_at_their_drawn_steps():
     assert torch.equal(x[at_start], noise[at_start]) and not torch.equal(x[~at_start], noise[~at_start])
 
 
+def test_self_forcing_stops_every_chunk_of_a_rollout_at_one_step(monkeypatch):
+    """Self-Forcing (Algorithm 1) draws one exit step per rollout for all chunks, so that a rollout stopped at the
+    last step is inference itself; per-chunk draws would give later chunks contexts inference never makes."""
+    import losses.causal_dmd as causal_dmd
+    from distill.conditioning import Batch
+    from distill.config import StudentConfig
+
+    exits = []
+    monkeypatch.setattr(causal_dmd, "stream_sample", lambda *args, grad_steps, **kw: exits.append(grad_steps))
+    method = causal_dmd.CausalDMDMethod(times=[1.0, 0.9, 0.75, 0.5],
+                                        student=StudentConfig(causal=True, chunk_frames=2, mode="self_forcing"))
+    batch = Batch(None, Conditioning(torch.randn(2, 5, 384)), ["a", "b"], [{}, {}], shape=(2, 3, 8, 16, 16))
+    for seed in range(16):
+        method.sample(None, batch, torch.Generator().manual_seed(seed), grad=False)
+    assert all(len(e) == 4 and len(set(e)) == 1 for e in exits), exits
+    assert {e[0] for e in exits} == {0, 1, 2, 3}  # the shared step is still drawn over the whole step list
+
+
 @pytest.mark.parametrize("mode", ["diffusion_forcing", "self_forcing"])
 def test_causal_dmd_trains_and_records_the_student(tmp_path, mode):
     out = train(load_job(JOB, [f"output.dir='{tmp_path}'", f"student.mode='{mode}'"]))
