@@ -7,6 +7,11 @@ at every ``t`` is ignored by the text pathway: the model can only get it right b
 It costs a few forwards per attribute, so it runs on a CPU in a minute and checks a retrained teacher before a
 full probe evaluation.
 
+At ``t = 1`` the input is pure noise and the best possible ``x0`` is the posterior mean of the clips that fit the
+caption, so the change that changing the word *should* make is known from the data alone: ``ideal_delta_x0``, the
+same pairs' difference of mean clips (each over ``--posterior-clips`` renders). A ``delta_x0`` far below it means
+the model has not learnt what that word implies from noise.
+
     python -m eval.prompt_sensitivity --teacher tiny --num 32 --out eval/results/tiny_teacher_sensitivity.json
 """
 
@@ -35,11 +40,18 @@ def twin_captions(labels: dict[str, str], other: dict[str, str], seed: int) -> t
     return caption(labels, np.random.default_rng(seed)), caption(other, np.random.default_rng(seed))
 
 
+def mean_clip(labels: dict[str, str], clips: int, rng: np.random.Generator, frames: int, height: int,
+              width: int) -> torch.Tensor:
+    """The posterior mean of the clips with these labels (over start positions): the ideal x0 from pure noise."""
+    return torch.stack([render(labels, frames, height, width, rng) for _ in range(clips)]).mean(0)
+
+
 @torch.no_grad()
 def sensitivity(model: Denoiser, encoder: TextEncoder, times: list[float], num: int, seed: int = 0,
-                frames: int = 16, height: int = 32, width: int = 32) -> list[dict]:
+                frames: int = 16, height: int = 32, width: int = 32, posterior_clips: int = 200) -> list[dict]:
     """One row per (attribute, time): mean |x0(caption) - x0(caption with that attribute changed)| over ``num``
-    real clips, next to the mean |x0 - clip| error of the prediction itself (the scale to read it against)."""
+    real clips, next to the mean |x0 - clip| error of the prediction itself (the scale to read it against), and at
+    t = 1 the ideal change (:func:`mean_clip`)."""
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     rows = []
@@ -55,9 +67,15 @@ def sensitivity(model: Denoiser, encoder: TextEncoder, times: list[float], num: 
             x_t = model.schedule.add_noise(clips, noise, t).repeat(2, 1, 1, 1, 1)
             x0 = model.denoise(x_t, torch.full((2 * num,), t, device=device), cond).float()
             own, changed = x0[:num], x0[num:]
-            rows.append({"attribute": attribute, "t": t, "num_clips": num,
-                         "delta_x0": round((own - changed).abs().mean().item(), 5),
-                         "x0_error": round((own - clips).abs().mean().item(), 5)})
+            row = {"attribute": attribute, "t": t, "num_clips": num,
+                   "delta_x0": round((own - changed).abs().mean().item(), 5),
+                   "x0_error": round((own - clips).abs().mean().item(), 5)}
+            if t == 1.0:
+                ideal = [(mean_clip(a, posterior_clips, rng, frames, height, width)
+                          - mean_clip(b, posterior_clips, rng, frames, height, width)).abs().mean().item()
+                         for a, b in zip(labels, others)]
+                row["ideal_delta_x0"] = round(float(np.mean(ideal)), 5)
+            rows.append(row)
     return rows
 
 
@@ -69,25 +87,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--times", type=float, nargs="+", default=[0.5, 0.8, 0.95, 0.99, 1.0])
     parser.add_argument("--num", type=int, default=32, help="real clips per attribute")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--posterior-clips", type=int, default=200,
+                        help="renders per label set for the ideal change at t = 1")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="", help="results JSON (RESULTS.md shape); nothing written when empty")
     args = parser.parse_args(argv)
-    if args.num < 1 or not all(0.0 <= t <= 1.0 for t in args.times):
-        parser.error("--num must be >= 1 and every --times value in [0, 1]")
+    if args.num < 1 or args.posterior_clips < 1 or not all(0.0 <= t <= 1.0 for t in args.times):
+        parser.error("--num and --posterior-clips must be >= 1 and every --times value in [0, 1]")
 
     device = torch.device(args.device)
     model = teachers.load_spec(args.teacher).to(device).float().eval()
     encoder = TextEncoder.from_pretrained(device=device)
-    rows = sensitivity(model, encoder, args.times, args.num, args.seed)
+    rows = sensitivity(model, encoder, args.times, args.num, args.seed, posterior_clips=args.posterior_clips)
     table = {(r["attribute"], r["t"]): r["delta_x0"] for r in rows}
-    print(f"{'attribute':12s}" + "".join(f"{'t=' + str(t):>10s}" for t in args.times))
+    ideal = {r["attribute"]: r["ideal_delta_x0"] for r in rows if "ideal_delta_x0" in r}
+    print(f"{'attribute':12s}" + "".join(f"{'t=' + str(t):>10s}" for t in args.times) + ("   ideal t=1" if ideal else ""))
     for attribute in ATTRIBUTES:
-        print(f"{attribute:12s}" + "".join(f"{table[attribute, t]:10.4f}" for t in args.times))
+        print(f"{attribute:12s}" + "".join(f"{table[attribute, t]:10.4f}" for t in args.times)
+              + (f"{ideal[attribute]:12.4f}" if ideal else ""))
     if args.out:
         notes = (f"{args.num} real clips per attribute (seed {args.seed}), one noise draw per clip shared by both "
                  "captions; delta_x0 = mean |x0(caption) - x0(caption with only that attribute changed)| in [-1, 1] "
                  "pixel units, same template and synonym slot; x0_error = mean |x0 - clip| of the unchanged caption. "
-                 "No guidance: the conditional prediction alone.")
+                 "No guidance: the conditional prediction alone. ideal_delta_x0 (t = 1 rows): the same pairs' "
+                 f"mean |E[clip | labels] - E[clip | changed labels]|, each mean over {args.posterior_clips} renders: "
+                 "what the change would be for a denoiser that has learnt the data's posterior mean.")
         write_results(args.out, rows, device, notes)
         print(f"wrote {args.out}")
     return rows
