@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = sensitivity(model, encoder, args.times, args.num, args.seed, posterior_clips=args.posterior_clips)
     table = {(r["attribute"], r["t"]): r["delta_x0"] for r in rows}
     ideal = {r["attribute"]: r["ideal_delta_x0"] for r in rows if "ideal_delta_x0" in r}
-    print(f"{'attribute':12s}" + "".join(f"{'t=' + str(t):>10s}" for t in args.times) + ("   ideal t=1" if ideal else ""))
+    header = "".join(f"{'t=' + str(t):>10s}" for t in args.times)
+    print(f"{'attribute':12s}{header}" + ("   ideal t=1" if ideal else ""))
     for attribute in ATTRIBUTES:
         print(f"{attribute:12s}" + "".join(f"{table[attribute, t]:10.4f}" for t in args.times)
               + (f"{ideal[attribute]:12.4f}" if ideal else ""))

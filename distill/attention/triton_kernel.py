@@ -377,8 +377,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         streamed = [_streamed(x, launch["BLOCK_M"], launch["TMA"]) for x in (q, grad_out)]
         dq_target = _streamed(dq, launch["BLOCK_M"], launch["TMA"] and atomic)
         _bwd_dkdv[(n // launch["BLOCK_N"], b * h)](
-            q, k, v, grad_out, *streamed, dk, dv, dq, dq_target, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
-            s_ih, s_iq, s_ch, h, n, **meta, ATOMIC_DQ=atomic, **launch)
+            q, k, v, grad_out, *streamed, dk, dv, dq, dq_target, lse, delta, idx, cnt, ctx.bias, scale * LOG2E,
+            scale, *strides, s_ih, s_iq, s_ch, h, n, **meta, ATOMIC_DQ=atomic, **launch)
         if atomic:
             return dq.to(q.dtype), dk, dv, None, None, None
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
