@@ -63,6 +63,40 @@ def test_consistency_loss_vanishes_on_an_exact_trajectory_and_not_for_a_biased_s
     assert pseudo_huber(torch.zeros(3), torch.full((3,), 4.0), c=1.0).item() == pytest.approx(17**0.5 - 1)
 
 
+class Recording(PointMass):
+    """A point mass that records its inputs: on a point mass every consistency target is exact, so only the calls
+    show where the target is read and which network gets CFG."""
+
+    def __init__(self, x_star):
+        super().__init__(x_star, shift=3.0)
+        self.calls = []
+
+    def forward(self, x_t, t, cond, **kwargs):
+        self.calls.append((x_t.clone(), torch.as_tensor(t).clone()))
+        return super().forward(x_t, t, cond, **kwargs)
+
+
+def test_consistency_target_is_read_after_one_guided_teacher_step_clipped_at_the_edge():
+    x_star, n = torch.randn(1, 3, 2, 4, 4), 16
+    grid = FlowMatching(shift=3.0).timesteps(8).tolist()
+    method = ConsistencyMethod(grid=grid, phases=2, skip=3, guidance=3.0, distance="l2")
+    nets = {name: Recording(x_star) for name in ("generator", "target", "teacher")}
+    batch = Batch(x_star.expand(n, -1, -1, -1, -1).clone(), _cond(n), ["a"] * n, [{}] * n)
+    method.generator_loss(nets, batch, torch.Generator().manual_seed(0))
+    j, j_next, edge = phase_draw(8, 2, 3, n, torch.Generator().manual_seed(0))  # the draw _start makes first
+    assert (j_next == edge).any() and (j_next < edge).any()
+    times = torch.tensor(grid)
+    (x_cfg, t_cfg), = nets["teacher"].calls  # one CFG call: conditional and unconditional halves
+    (x_t, t), = nets["generator"].calls  # the student: no CFG, at (x_t, t)
+    (x_next, t_next), = nets["target"].calls  # the EMA target: no CFG, one teacher step later
+    assert x_cfg.shape[0] == 2 * n and x_t.shape[0] == n and x_next.shape[0] == n
+    torch.testing.assert_close(t, times[j])
+    torch.testing.assert_close(t_cfg, torch.cat([t, t]))
+    torch.testing.assert_close(t_next, times[j_next])  # skip intervals toward t = 0, clipped at the phase edge
+    teacher = nets["teacher"]
+    torch.testing.assert_close(x_next, teacher.schedule.step(x_t, t, t_next, teacher.guided(x_t, t, _cond(n), 3.0)))
+
+
 def test_phased_student_samples_deterministically_along_its_ode():
     x_star = torch.randn(2, 3, 2, 4, 4)
     net, noise = PointMass(x_star, shift=3.0), torch.randn(2, 3, 2, 4, 4)
