@@ -224,3 +224,15 @@ def test_kernels_compile_for_hopper(kernel, launch, extra, dtype, tmp_path):
                            capture_output=True, text=True, check=True).stdout
     # spilled registers live on the stack (float32 is the reference path, not a speed path)
     assert " STACK:0 " in usage or dtype == "fp32", usage
+
+
+def test_tma_reads_the_layouts_it_can_address_and_nothing_else():
+    """TMA needs each (batch, head) slice as whole, 16-byte aligned row segments of the storage; anything else falls
+    back to pointer loads (the launch's TMA constant is then off)."""
+    from distill.attention.triton_kernel import _tma_ready
+
+    x = torch.randn(2, 3, 64, 32, dtype=torch.bfloat16)
+    assert _tma_ready(x)  # contiguous [B, H, N, D]
+    assert _tma_ready(x.transpose(1, 2).contiguous().transpose(1, 2))  # [B, N, H, D] memory
+    assert not _tma_ready(x.transpose(-1, -2).contiguous().transpose(-1, -2))  # D not innermost
+    assert not _tma_ready(torch.randn(2 * 3 * 64 * 32 + 1, dtype=torch.bfloat16)[1:].view_as(x))  # misaligned
