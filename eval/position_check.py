@@ -18,10 +18,14 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from distill.data.synthetic import ATTRIBUTES, render, sample_labels
+from distill.schedule import FlowMatching, shift_time
+from eval.prompt_sensitivity import mean_clip, swapped
 
 F, H, W = 8, 16, 16
 VALUES = [(a, v) for a, vs in ATTRIBUTES.items() for v in vs]
 TEXT_DIM = 64
+SCHEDULE = FlowMatching()
+
 
 def tokens(labels: dict[str, str]) -> torch.Tensor:
     """One one-hot token per attribute: the text pathway without a text encoder's ambiguity."""
@@ -30,12 +34,14 @@ def tokens(labels: dict[str, str]) -> torch.Tensor:
         t[i, VALUES.index((a, labels[a]))] = 1.0
     return t
 
+
 def coords(b: int) -> torch.Tensor:
     """(x, y, frame) in [-1, 1] as three input channels: the absolute position signal under test."""
     f = torch.linspace(-1, 1, F).view(F, 1, 1).expand(F, H, W)
     y = torch.linspace(-1, 1, H).view(1, H, 1).expand(F, H, W)
     x = torch.linspace(-1, 1, W).view(1, 1, W).expand(F, H, W)
     return torch.stack([x, y, f]).expand(b, 3, F, H, W)
+
 
 def build(pos: bool) -> WanTransformer3DModel:
     torch.manual_seed(0)
@@ -44,32 +50,35 @@ def build(pos: bool) -> WanTransformer3DModel:
                                  ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                  eps=1e-6, rope_max_seq_len=64)
 
+
 def forward(model: WanTransformer3DModel, pos: bool, x_t: torch.Tensor, t: torch.Tensor,
             text: torch.Tensor) -> torch.Tensor:
     """The predicted velocity (noise - x0)."""
     inp = torch.cat([x_t, coords(x_t.shape[0])], 1) if pos else x_t
     return model(inp, timestep=t * 1000, encoder_hidden_states=text, return_dict=False)[0]
 
+
 def batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     labels = [sample_labels(rng) for _ in range(n)]
     return (torch.stack([render(lab, F, H, W, rng) for lab in labels]),
             torch.stack([tokens(lab) for lab in labels]))
 
+
 def train(pos: bool, steps: int, seed: int = 0) -> WanTransformer3DModel:
     model = build(pos)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    for step in range(steps):
+    for _ in range(steps):
         x0, text = batch(rng, 32)
-        u = torch.rand(32, generator=g)
-        t = 3 * u / (1 + 2 * u)  # shift 3: more time at high noise
+        t = shift_time(torch.rand(32, generator=g), 3.0)  # more time at high noise
         eps = torch.randn(x0.shape, generator=g)
-        x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * eps
-        loss = (forward(model, pos, x_t, t, text) - (eps - x0)).square().mean()
+        x_t = SCHEDULE.add_noise(x0, eps, t)
+        loss = (forward(model, pos, x_t, t, text) - SCHEDULE.target(x0, eps, t)).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model
+
 
 @torch.no_grad()
 def t1_deltas(model: WanTransformer3DModel, pos: bool, attribute: str, num: int = 24, noise_draws: int = 8,
@@ -80,17 +89,16 @@ def t1_deltas(model: WanTransformer3DModel, pos: bool, attribute: str, num: int 
     got, ideal = [], []
     for _ in range(num):
         a = sample_labels(rng)
-        others = [v for v in ATTRIBUTES[attribute] if v != a[attribute]]
-        b = {**a, attribute: others[int(rng.integers(len(others)))]}
+        b = swapped(a, attribute, rng)
         eps = torch.randn(noise_draws, 3, F, H, W, generator=g)
         t = torch.ones(noise_draws)
-        xa = (eps - forward(model, pos, eps, t, tokens(a).expand(noise_draws, -1, -1))).mean(0)
-        xb = (eps - forward(model, pos, eps, t, tokens(b).expand(noise_draws, -1, -1))).mean(0)
+        xa, xb = (SCHEDULE.split(eps, t, forward(model, pos, eps, t, tokens(lab).expand(noise_draws, -1, -1)))[0]
+                  .mean(0) for lab in (a, b))
         got.append((xa - xb).abs().mean().item())
-        ma = torch.stack([render(a, F, H, W, rng) for _ in range(200)]).mean(0)
-        mb = torch.stack([render(b, F, H, W, rng) for _ in range(200)]).mean(0)
+        ma, mb = (mean_clip(lab, 200, rng, F, H, W) for lab in (a, b))
         ideal.append((ma - mb).abs().mean().item())
     return round(float(np.mean(got)), 4), round(float(np.mean(ideal)), 4)
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -133,11 +133,18 @@ def _ptrs(X, base, rows, stride_n, D: tl.constexpr):
 
 
 @triton.jit
+def _tma_coords(base, start, stride_n):
+    """Where row ``start`` of the slice at element offset ``base`` lies in X's storage seen as rows of ``stride_n``
+    elements (the descriptor of :func:`_streamed`): (row, column)."""
+    return [(base // stride_n + start).to(tl.int32), (base % stride_n).to(tl.int32)]
+
+
+@triton.jit
 def _tile(X, X_TMA, base, start, tile_offsets, stride_n, TMA: tl.constexpr):
     """The kept sub-block of rows from ``start`` of one (batch, head) slice: one bulk tensor copy through the
-    descriptor ``X_TMA`` (X's storage seen as rows of ``stride_n`` elements, :func:`_streamed`), or pointer loads."""
+    descriptor ``X_TMA``, or pointer loads."""
     if TMA:
-        return X_TMA.load([(base // stride_n + start).to(tl.int32), (base % stride_n).to(tl.int32)])
+        return X_TMA.load(_tma_coords(base, start, stride_n))
     return tl.load(X + base + start * stride_n + tile_offsets)
 
 
@@ -146,7 +153,7 @@ def _add_tile(X, X_TMA, base, start, tile_offsets, stride_n, value, TMA: tl.cons
     """Atomically add ``value`` to the sub-block that :func:`_tile` reads: one bulk TMA reduction (as
     FlashAttention-3 accumulates dq), or per-element atomics. Triton's interpreter has no bulk reduction."""
     if TMA:
-        X_TMA.atomic_add([(base // stride_n + start).to(tl.int32), (base % stride_n).to(tl.int32)], value)
+        X_TMA.atomic_add(_tma_coords(base, start, stride_n), value)
     else:
         tl.atomic_add(X + base + start * stride_n + tile_offsets, value, sem="relaxed")
 
@@ -309,12 +316,13 @@ def _index_args(index: tuple[Tensor, Tensor], device: torch.device) -> tuple[Ten
     return idx, cnt, 0 if shared else idx.stride(0), idx.stride(1), 0 if shared else cnt.stride(0)
 
 
-def _launch_args(launch: Launch, block: int, x: Tensor) -> dict:
-    """Keyword arguments that give a kernel ``launch``'s shape for blocks of ``block`` tokens of ``x``'s dtype, and
-    whether its streamed tiles come by TMA (only where ``x``'s layout allows it, see :func:`_streamed`)."""
-    fitted = (replace(IEEE_LAUNCH, tma=launch.tma) if x.dtype == torch.float32 else launch).fit(block)
+def _launch_args(launch: Launch, block: int, *streamed: Tensor) -> dict:
+    """Keyword arguments that give a kernel ``launch``'s shape for blocks of ``block`` tokens of the ``streamed``
+    tensors' dtype, and whether those come by TMA (only where every one's layout allows it, :func:`_tma_ready`)."""
+    ieee = streamed[0].dtype == torch.float32
+    fitted = (replace(IEEE_LAUNCH, tma=launch.tma) if ieee else launch).fit(block)
     return dict(BLOCK_M=fitted.block_m, BLOCK_N=fitted.block_n, num_warps=fitted.warps, num_stages=fitted.stages,
-                TMA=fitted.tma and _tma_ready(x))
+                TMA=fitted.tma and all(_tma_ready(x) for x in streamed))
 
 
 def _tma_ready(x: Tensor) -> bool:
@@ -329,7 +337,7 @@ def _tma_ready(x: Tensor) -> bool:
 
 def _streamed(x: Tensor, rows: int, tma: bool) -> Tensor | TensorDescriptor:
     """What a kernel reads ``x``'s kept sub-blocks of ``rows`` tokens through: a TMA descriptor over its storage as
-    rows of ``stride_n`` elements (:func:`_tile` finds a slice's origin in it), or ``x`` itself for pointer loads."""
+    rows of ``stride_n`` elements (:func:`_tma_coords` finds a slice's rows in it), or ``x`` for pointer loads."""
     if not tma:
         return x
     b, _, _, d = x.shape
@@ -349,7 +357,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
         bias = cnt if sparse.key_bias is None else sparse.key_bias.to(q.device)  # cnt: unused placeholder
         meta = dict(BLOCK=sparse.block, D=d, HAS_PAD=sparse.key_valid is not None, IEEE=q.dtype == torch.float32)
-        launch = _launch_args(config.fwd, sparse.block, q)
+        launch = _launch_args(config.fwd, sparse.block, k, v)
         streamed = [_streamed(x, launch["BLOCK_N"], launch["TMA"]) for x in (k, v)]
         _fwd[(n // launch["BLOCK_M"], b * h)](q, k, v, *streamed, out, lse, idx, cnt, bias, scale * LOG2E,
                                                q.stride(0), q.stride(1), q.stride(2), s_ih, s_iq, s_ch, h, n, **meta,
@@ -373,7 +381,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         atomic = config.dq is None
         dq = torch.zeros_like(q, dtype=torch.float32) if atomic else torch.empty_like(q)  # q's strides
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.q_index, q.device)
-        launch = _launch_args(config.dkdv, sparse.block, q)
+        launch = _launch_args(config.dkdv, sparse.block, q, grad_out, dq)
         streamed = [_streamed(x, launch["BLOCK_M"], launch["TMA"]) for x in (q, grad_out)]
         dq_target = _streamed(dq, launch["BLOCK_M"], launch["TMA"] and atomic)
         _bwd_dkdv[(n // launch["BLOCK_N"], b * h)](
@@ -382,7 +390,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         if atomic:
             return dq.to(q.dtype), dk, dv, None, None, None
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
-        launch = _launch_args(config.dq, sparse.block, q)
+        launch = _launch_args(config.dq, sparse.block, k, v)
         streamed = [_streamed(x, launch["BLOCK_N"], launch["TMA"]) for x in (k, v)]
         _bwd_dq[(n // launch["BLOCK_M"], b * h)](
             q, k, v, grad_out, *streamed, dq, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
