@@ -58,12 +58,15 @@ def compare(batch: int, heads: int, tiles: int, block: int, dim: int, shared: bo
 
 
 _SCRIPT = """
+from dataclasses import replace
 from functools import partial
 from distill.attention.triton_kernel import DEFAULT, KernelConfig, Launch, block_sparse_attention
 from tests.test_attention_kernel import compare
 tma = Launch(16, 16, 4, 1, tma=True)
-configs = [KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, Launch(16, 16, 4, 1)),  # a separate dq kernel
-           KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, None),  # dq by atomics in the dk/dv kernel
+fwd, dkdv = replace(DEFAULT.fwd, tma=False), replace(DEFAULT.dkdv, tma=False)
+configs = [KernelConfig(fwd, dkdv, Launch(16, 16, 4, 1)),  # a separate dq kernel
+           KernelConfig(fwd, dkdv, None),  # dq by atomics in the dk/dv kernel (by TMA reductions: GPU only, the
+           # interpreter has no bulk reduction)
            KernelConfig(tma, tma, tma)]  # streamed tiles by TMA descriptors ([B, N, H, D] memory in the 2nd case)
 for config in configs:
     kernel = partial(block_sparse_attention, config=config)

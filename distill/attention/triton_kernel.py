@@ -77,7 +77,8 @@ class KernelConfig:
 # and without register spills (tests/test_attention_kernel.py). Forward: 128 queries (the whole tile, so a key
 # tile is read once per query tile) by 64 or 128 keys; the 4-warp 64 x 64 shapes fit two programs per SM, whose
 # softmax and matmuls then overlap, for twice the key/value traffic. Backward: (dkdv, dq) pairs; dq None = atomic.
-# The TMA variants of the best shapes are not yet timed (added after the H200 sweep).
+# The TMA variants of the best shapes (Hopper bulk tensor copies of the streamed tiles) won the second H200 sweep;
+# the last backward pairs explore deeper pipelines and wider tiles around that winner.
 FWD_CANDIDATES = (Launch(128, 128, 8, 2), Launch(128, 128, 8, 3), Launch(128, 64, 8, 2), Launch(128, 64, 8, 3),
                   Launch(128, 64, 8, 4), Launch(64, 64, 4, 2), Launch(64, 64, 4, 3),
                   Launch(128, 128, 8, 2, True), Launch(128, 128, 8, 3, True), Launch(128, 64, 8, 3, True))
@@ -88,12 +89,18 @@ BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (L
                   (Launch(32, 128, 8, 2, True), Launch(128, 64, 8, 2, True)),
                   (Launch(32, 128, 8, 3, True), Launch(128, 64, 8, 3, True)),
                   (Launch(64, 64, 8, 3, True), Launch(128, 64, 8, 3, True)),
-                  (Launch(32, 128, 8, 2, True), None), (Launch(64, 64, 8, 3, True), None))
-# DEFAULT is the sweep's choice on an H200 (eval/results/attention_sweep_h200.json, 480p, 20% density): the
-# 3-stage 128 x 128 forward (0.81 of dense SDPA's rate) and the two-kernel backward (0.65 forward+backward). The
-# atomic-dq backward does 5 matmuls per kept pair instead of 7, yet ran at most 0.55: its fp32 atomic adds (4 bytes
-# per kept pair, which FlashAttention-3 issues as bulk TMA reductions) cost more than the two recomputed matmuls.
-DEFAULT = KernelConfig(fwd=Launch(128, 128, 8, 3), dkdv=Launch(32, 128, 8, 2), dq=Launch(128, 64, 8, 2))
+                  (Launch(32, 128, 8, 2, True), None), (Launch(64, 64, 8, 3, True), None),
+                  (Launch(32, 128, 8, 4, True), Launch(128, 64, 8, 4, True)),
+                  (Launch(32, 128, 8, 3, True), Launch(128, 128, 8, 2, True)),
+                  (Launch(32, 128, 8, 2, True), Launch(128, 64, 8, 3, True)),
+                  (Launch(32, 128, 8, 3, True), Launch(128, 64, 8, 2, True)),
+                  (Launch(32, 128, 8, 3, True), Launch(64, 128, 8, 3, True)))
+# DEFAULT is the sweep's choice on an H200 (eval/results/attention_sweep_h200.json, 480p, 20% density): every
+# kernel streams its tiles by TMA. Forward 128 x 128, 3 stages: 0.92 of dense SDPA's rate (0.82 without
+# TMA); the two-kernel backward: 0.79 forward+backward (0.66 without). The atomic-dq backward does 5 matmuls
+# per kept pair instead of 7, yet ran at most 0.56: its fp32 atomic adds cost more than the recomputation.
+DEFAULT = KernelConfig(fwd=Launch(128, 128, 8, 3, True), dkdv=Launch(32, 128, 8, 3, True),
+                       dq=Launch(128, 64, 8, 3, True))
 # float32 inputs are the exact reference path (tests), not a speed path: one small launch whose tiles fit shared
 # memory at any head dim, for every kernel (with or without TMA, as the launch it stands in for)
 IEEE_LAUNCH = Launch(32, 32, 4, 2)
