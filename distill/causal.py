@@ -43,7 +43,7 @@ from distill.attention.patterns import chunk_causal_tokens
 from distill.attention.processor import apply_rotary
 from distill.conditioning import Conditioning
 from distill.schedule import Schedule, TimeLike, device_times
-from distill.students import noise_like, make_student
+from distill.students import make_student, noise_like
 from teachers.wan import WanDenoiser
 
 
@@ -229,8 +229,9 @@ class CausalWanDenoiser(WanDenoiser):
     """A Wan denoiser whose self-attention is chunk-causal. The weights (and ``state_dict``) are the teacher's;
     only the attention processors differ, so a checkpoint loads into either."""
 
-    def __init__(self, transformer, schedule: Schedule | None = None, chunk_frames: int = 1, backend: str = "auto"):
-        super().__init__(transformer, schedule)
+    def __init__(self, transformer, schedule: Schedule | None = None, chunk_frames: int = 1, backend: str = "auto",
+                 coordinate_frames: int = 0):
+        super().__init__(transformer, schedule, coordinate_frames)
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         if transformer.config.patch_size[0] != 1:
@@ -244,7 +245,7 @@ class CausalWanDenoiser(WanDenoiser):
     @classmethod
     def from_bidirectional(cls, model: WanDenoiser, chunk_frames: int, backend: str = "auto") -> "CausalWanDenoiser":
         """The causal twin of ``model``, sharing its transformer (copy ``model`` first to keep it bidirectional)."""
-        return cls(model.transformer, model.schedule, chunk_frames, backend)
+        return cls(model.transformer, model.schedule, chunk_frames, backend, model.coordinate_frames)
 
     def _tokens_per_frame(self, x: Tensor) -> int:
         _, p_h, p_w = self.config.patch_size
@@ -252,7 +253,9 @@ class CausalWanDenoiser(WanDenoiser):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, cache: KVCache | None = None, **kwargs) -> Tensor:
         """Mask mode over the whole clip when ``cache`` is None; else one chunk against ``cache`` (which it reads
-        but does not extend: :meth:`write_cache` does)."""
+        but does not extend: :meth:`write_cache` does). In cache mode the chunk's frame coordinate (models with
+        coordinate channels) starts at its window position, as its RoPE positions do, so that streaming equals the
+        whole clip until the window rolls and stays within the trained range after."""
         state = self._state
         state.frames, state.tokens_per_frame = x_t.shape[2], self._tokens_per_frame(x_t)
         if cache is None:
@@ -271,7 +274,7 @@ class CausalWanDenoiser(WanDenoiser):
         state.cache, state.layer, state.rope = cache, 0, (cos, sin)
         state.chunk_rope = cos[:, n:n + s], sin[:, n:n + s]  # the chunk is rotated inside the compiled blocks
         try:
-            return super().forward(x_t, t, cond, **kwargs)
+            return super().forward(x_t, t, cond, frame_offset=cache.frames, **kwargs)
         finally:
             state.cache = state.rope = state.chunk_rope = None
 

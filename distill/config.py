@@ -26,6 +26,9 @@ class ModelConfig:
     config: dict[str, Any] = field(default_factory=dict)  # inline transformer config; wins over source
     dtype: str = "float32"  # weights of frozen networks; trainable ones follow the DeepSpeed precision
     gradient_checkpointing: bool = False
+    # > 0: give the model (x, y, frame) coordinate input channels, the frame scaled to this many frames; a loaded
+    # model without them gets them zero-initialised (it is unchanged until trained)
+    coordinates: int = 0
 
 
 @dataclass
@@ -268,6 +271,13 @@ def validate(job: JobConfig, where: str = "job") -> JobConfig:
     if job.data.kind in ("shards", "ode_pairs") and not job.data.path:
         raise ConfigError(f"{where}: data.kind = {job.data.kind!r} needs data.path (a shard directory)")
     _validate_methods(job.method, where)
+    if job.model.coordinates < 0 or job.model.coordinates == 1:
+        raise ConfigError(f"{where}: model.coordinates must be 0 (none) or a clip length >= 2 (the frames the frame "
+                          f"coordinate spans), got {job.model.coordinates}")
+    if job.model.coordinates and job.lora.rank:
+        raise ConfigError(f"{where}: model.coordinates > 0 with lora.rank > 0 would add the coordinate weights to the "
+                          "frozen base, where they stay zero; train them in full (lora.rank = 0). A base that has "
+                          "coordinate channels already keeps them with model.coordinates = 0")
     if job.method.weights.get("regression", 0.0) > 0 and job.data.kind != "ode_pairs":
         raise ConfigError(f"{where}: method.weights.regression > 0 regresses onto teacher ODE pairs: set data.kind = "
                           "'ode_pairs' (shards from `distill ode-pairs`)")

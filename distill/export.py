@@ -20,6 +20,7 @@ from pathlib import Path
 from distill.attention.spec import SAVED_NAME
 from distill.lora import LORA_FILE, LORA_META, is_lora_model, load_student
 from distill.schedule import schedule_from_dict
+from teachers.wan import COORDINATE_CHANNELS, INPUTS_FILE
 
 FORMATS = ("diffusers", "lora")
 
@@ -44,7 +45,8 @@ def export_diffusers(model_dir: str | Path, out_dir: str | Path) -> Path:
     if type(schedule).__name__ != "FlowMatching":
         raise ValueError(f"{model_dir}: only flow-matching models export to diffusers' FlowMatchEuler scheduler")
     (out / "transformer").mkdir(parents=True, exist_ok=True)
-    for path in [model_dir / "config.json", model_dir / "schedule.json", *weights]:
+    inputs = [model_dir / INPUTS_FILE] if (model_dir / INPUTS_FILE).is_file() else []  # coordinate channels
+    for path in [model_dir / "config.json", model_dir / "schedule.json", *inputs, *weights]:
         shutil.copy2(path, out / "transformer" / path.name)
     times = method.get("timesteps")
     stochastic = times is not None and method.get("sampler") != "ode"  # phased consistency students step the ODE
@@ -55,7 +57,8 @@ def export_diffusers(model_dir: str | Path, out_dir: str | Path) -> Path:
     (out / "method.json").write_text(json.dumps(method, indent=1))
     if (model_dir / SAVED_NAME).is_file():  # a sparse student keeps the attention it was trained with
         shutil.copy2(model_dir / SAVED_NAME, out / SAVED_NAME)
-    (out / "README.md").write_text(_model_card(method, schedule.shift, times))
+    coordinate_frames = json.loads(inputs[0].read_text())["coordinate_frames"] if inputs else 0
+    (out / "README.md").write_text(_model_card(method, schedule.shift, times, coordinate_frames=coordinate_frames))
     return out
 
 
@@ -76,7 +79,8 @@ def export_lora(model_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def _model_card(method: dict, shift: float, times: list[float] | None, lora_of: dict | None = None) -> str:
+def _model_card(method: dict, shift: float, times: list[float] | None, lora_of: dict | None = None,
+                coordinate_frames: int = 0) -> str:
     name = method.get("method", "flow")
     if times is None:
         sampling = "Sample it like its teacher: Euler steps with classifier-free guidance (50 steps is the reference)."
@@ -93,11 +97,17 @@ def _model_card(method: dict, shift: float, times: list[float] | None, lora_of: 
               f"""`{LORA_FILE}` (a LoRA of the teacher `{lora_of.get('source') or lora_of.get('family')}`:
   `pipe.load_lora_weights(dir)` on its `WanPipeline`, then optionally `pipe.fuse_lora()`), `{LORA_META}`
   (rank, target modules, base), `method.json` (how it was trained)""")
+    inputs = "" if not coordinate_frames else f"""
+- inputs: the transformer takes {COORDINATE_CHANNELS} coordinate channels after the latent channels, which the
+  caller must concatenate (`teachers.wan.coordinate_channels` makes them): x across the width, y across the
+  height, and the frame, each in [-1, 1], the frame `i` at `i / ({coordinate_frames} - 1) * 2 - 1` capped at 1
+  (scaled to the {coordinate_frames}-frame training clip; `transformer/{INPUTS_FILE}`). A stock `WanPipeline`
+  does not add them."""
     return f"""# Exported by fewstep-distill
 
 - training method: `{name}`
 - layout: {layout}
-- {sampling}
+- {sampling}{inputs}
 
 Made with `distill train` (DeepSpeed) and `distill export --format diffusers`; see the project's README and
 the job file recorded beside the training run (`job.json`).

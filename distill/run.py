@@ -11,7 +11,7 @@ import torch.distributed as dist
 import losses
 import teachers
 from distill import attention
-from distill.config import JobConfig
+from distill.config import ConfigError, JobConfig
 from distill.data.batches import BatchSource
 from distill.schedule import make_schedule
 from distill.text import TextEncoder
@@ -23,10 +23,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_model(job: JobConfig, dtype: torch.dtype = torch.float32) -> Denoiser:
-    """The job's model (a teacher to train or to distil) with the job's schedule."""
+    """The job's model (a teacher to train or to distil) with the job's schedule, and with coordinate input channels
+    when ``model.coordinates`` asks for them (zero-initialised if the loaded model has none)."""
+    from teachers.wan import WanDenoiser
+
     schedule = make_schedule(job.schedule.kind, shift=job.schedule.shift)
     source = job.model.config or job.model.source or None  # shipped families (tiny) need no source
-    return teachers.load(job.model.family, source, schedule=schedule, dtype=dtype)
+    model = teachers.load(job.model.family, source, schedule=schedule, dtype=dtype)
+    frames = job.model.coordinates
+    if not frames:
+        return model
+    if not isinstance(model, WanDenoiser):
+        raise ConfigError(f"model.coordinates = {frames}: coordinate input channels exist for Wan models only, "
+                          f"family {job.model.family!r} is a {type(model).__name__}")
+    if not model.coordinate_frames:
+        return model.with_coordinates(frames)
+    if model.coordinate_frames != frames:
+        raise ConfigError(f"model.coordinates = {frames}, but the loaded model's coordinate channels scale the frame "
+                          f"to {model.coordinate_frames} frames; set model.coordinates = {model.coordinate_frames} "
+                          "(or 0: a model keeps the channels it has)")
+    return model
 
 
 def build_networks(job: JobConfig, method: Method, device: torch.device) -> tuple[Networks, Networks]:

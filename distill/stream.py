@@ -41,7 +41,9 @@ class StreamingConfig:
     """What ``streaming.json`` records. ``cache_frames`` is the KV window (latent frames, sinks included);
     ``text_encoder`` is ``{"kind": "minilm", "path": ""}`` (empty path: the packaged MiniLM) or
     ``{"kind": "none"}`` (the caller passes embeddings); ``decoder`` is ``{"kind": "identity"}`` (pixel-space
-    latents) or ``{"kind": "wan_vae", "path": DIR}`` (a local diffusers ``AutoencoderKLWan``)."""
+    latents) or ``{"kind": "wan_vae", "path": DIR}`` (a local diffusers ``AutoencoderKLWan``).
+    ``coordinate_frames``: the model's coordinate input channels (``WanDenoiser``; 0, the default of files
+    written before they existed: none)."""
 
     transformer: dict[str, Any]
     schedule: dict[str, Any]
@@ -55,6 +57,7 @@ class StreamingConfig:
     text_encoder: dict[str, str] = field(default_factory=lambda: {"kind": "minilm", "path": ""})
     decoder: dict[str, str] = field(default_factory=lambda: {"kind": "identity"})
     fps: float = 8.0
+    coordinate_frames: int = 0
 
     def __post_init__(self) -> None:
         if self.architecture != "WanTransformer3DModel":
@@ -208,7 +211,8 @@ class StreamingGenerator:
         directory = Path(directory)
         config = StreamingConfig.read(directory)
         dtype = DTYPES[config.dtype]
-        base = WanDenoiser.from_config(config.transformer, schedule_from_dict(config.schedule), dtype, seed=None)
+        base = WanDenoiser.from_config(config.transformer, schedule_from_dict(config.schedule), dtype, seed=None,
+                                       coordinate_frames=config.coordinate_frames)
         missing, unexpected = base.transformer.load_state_dict(load_file(str(directory / WEIGHTS)), strict=False)
         if missing or unexpected:
             raise ValueError(f"{directory / WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]} parameters")
@@ -349,7 +353,8 @@ def generator_from_model_dir(model_dir: str | Path, cache_frames: int = 0, sink_
                                                                        chunk + sink_frames),
         latent_size=causal["latent_size"], sink_frames=sink_frames,
         dtype=dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
-        text_encoder=text_encoder or {"kind": "minilm", "path": ""}, decoder=decoder or {"kind": "identity"}, fps=fps)
+        text_encoder=text_encoder or {"kind": "minilm", "path": ""}, decoder=decoder or {"kind": "identity"}, fps=fps,
+        coordinate_frames=model.coordinate_frames)
     return StreamingGenerator(CausalWanDenoiser.from_bidirectional(model.to(device), chunk), config)
 
 

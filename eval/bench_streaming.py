@@ -57,7 +57,8 @@ def build_generator(source: str | dict, latent_size: tuple[int, int], chunk_fram
                              timesteps=schedule.timesteps(steps)[:-1].tolist(), chunk_frames=chunk_frames,
                              cache_frames=cache_frames, latent_size=list(latent), dtype=str(dtype).split(".")[-1],
                              text_encoder={"kind": "none"},
-                             decoder={"kind": "wan_vae" if vae_config is not None else "identity", "path": ""})
+                             decoder={"kind": "wan_vae" if vae_config is not None else "identity", "path": ""},
+                             coordinate_frames=model.coordinate_frames)
     decoder = None
     if vae_config is not None:
         from diffusers import AutoencoderKLWan

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +33,30 @@ WAN_PRESETS: dict[str, dict[str, Any]] = {
 _PRESET_SHIFT = {"wan2.1-t2v-1.3b": 3.0, "wan2.1-t2v-14b": 5.0, "tiny-random": 1.0}
 
 
+INPUTS_FILE = "inputs.json"  # {"coordinate_frames": N} beside a saved model that has coordinate channels
+COORDINATE_CHANNELS = 3  # x, y, frame
+
+
+def coordinate_channels(batch: int, frames: int, height: int, width: int, reference_frames: int,
+                        frame_offset: int = 0, device=None, dtype: torch.dtype | None = None) -> Tensor:
+    """Absolute (x, y, frame) coordinates in [-1, 1] as three input channels ``[B, 3, T, H, W]``.
+
+    Wan's only position signal is rotary (relative), so from pure noise it cannot say where or when a shape is,
+    and so cannot learn what a position-dependent word (a motion direction) implies (teachers/tiny/README.md,
+    eval/position_check.py). x runs across the width, y across the height; frame ``frame_offset + i`` sits at
+    ``(frame_offset + i) / (reference_frames - 1) * 2 - 1``, so a clip of the training length ``reference_frames``
+    spans [-1, 1], and frames past it (a long stream) saturate at 1, the last value training saw."""
+    if reference_frames < 2:
+        raise ValueError(f"coordinate channels need reference_frames >= 2, got {reference_frames}")
+    x = torch.linspace(-1, 1, width, device=device)
+    y = torch.linspace(-1, 1, height, device=device)
+    f = (torch.arange(frames, device=device) + frame_offset) / (reference_frames - 1) * 2 - 1
+    shape = (frames, height, width)
+    grid = torch.stack([x.view(1, 1, -1).expand(shape), y.view(1, -1, 1).expand(shape),
+                        f.clamp(max=1).view(-1, 1, 1).expand(shape)])
+    return grid.to(dtype or torch.get_default_dtype()).unsqueeze(0).expand(batch, -1, -1, -1, -1)
+
+
 class _FeaturesReady(Exception):
     """Raised by the hook of :meth:`WanDenoiser.features` to end the forward early."""
 
@@ -40,11 +65,24 @@ class WanDenoiser(Denoiser):
     """Wraps a diffusers ``WanTransformer3DModel``: flow matching, velocity prediction, time on a 0-1000 scale.
 
     Per-frame times ``[B, T]`` become per-token times, which diffusers Wan accepts (Wan2.2 TI2V path).
+
+    ``coordinate_frames = N > 0``: the transformer's ``in_channels`` are the latent channels followed by three
+    :func:`coordinate_channels` (frame scaled to ``N``, the training clip length), which :meth:`forward` appends;
+    callers pass latents only. 0: none (a stock Wan transformer).
     """
 
-    def __init__(self, transformer: WanTransformer3DModel, schedule: Schedule | None = None):
+    def __init__(self, transformer: WanTransformer3DModel, schedule: Schedule | None = None,
+                 coordinate_frames: int = 0):
         super().__init__(schedule or FlowMatching())
+        if coordinate_frames < 0 or coordinate_frames == 1:
+            raise ValueError(f"coordinate_frames must be 0 (none) or the training clip length >= 2, "
+                             f"got {coordinate_frames}")
+        if coordinate_frames and transformer.config.in_channels <= COORDINATE_CHANNELS:
+            raise ValueError(f"coordinate_frames = {coordinate_frames} needs in_channels = latent channels + "
+                             f"{COORDINATE_CHANNELS} coordinate channels (>= {COORDINATE_CHANNELS + 1}), this "
+                             f"transformer has in_channels = {transformer.config.in_channels}")
         self.transformer = transformer
+        self.coordinate_frames = coordinate_frames
 
     @property
     def config(self):
@@ -52,7 +90,7 @@ class WanDenoiser(Denoiser):
 
     @property
     def latent_channels(self) -> int:
-        return self.config.in_channels
+        return self.config.in_channels - (COORDINATE_CHANNELS if self.coordinate_frames else 0)
 
     def _timestep(self, t: Tensor, x_t: Tensor) -> Tensor:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
@@ -67,15 +105,21 @@ class WanDenoiser(Denoiser):
         tokens_per_frame = (height // p_h) * (width // p_w)
         return model_t[:, ::p_t].repeat_interleave(tokens_per_frame, dim=1)
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, **kwargs) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, frame_offset: int = 0, **kwargs) -> Tensor:
+        """``frame_offset``: the position of ``x_t``'s first frame for the frame coordinate (a streamed chunk's
+        place in its window); only models with coordinate channels read it."""
         p_t, p_h, p_w = self.config.patch_size
         frames, height, width = x_t.shape[2:]
         if x_t.shape[1] != self.latent_channels or frames % p_t or height % p_h or width % p_w:
             raise ValueError(f"latents {tuple(x_t.shape)} do not fit this Wan model: {self.latent_channels} channels, "
                              f"T/H/W divisible by patch size {tuple(self.config.patch_size)}")
         dtype = self.transformer.dtype
+        hidden = x_t
+        if self.coordinate_frames:
+            hidden = torch.cat([x_t, coordinate_channels(x_t.shape[0], frames, height, width, self.coordinate_frames,
+                                                         frame_offset, x_t.device, x_t.dtype)], dim=1)
         out = self.transformer(
-            hidden_states=x_t.to(dtype),
+            hidden_states=hidden.to(dtype),
             timestep=self._timestep(t, x_t),
             encoder_hidden_states=cond.masked_text().to(dtype),
             encoder_hidden_states_image=None if cond.image is None else cond.image.to(dtype),
@@ -123,8 +167,29 @@ class WanDenoiser(Denoiser):
 
         self.transformer.enable_gradient_checkpointing(checkpoint_block)  # recompute with the forward's frozen params
 
+    def with_coordinates(self, frames: int) -> "WanDenoiser":
+        """A copy of this model with coordinate input channels (frame scaled to ``frames``) whose patch-embedding
+        weights are zero, so that it computes exactly what this model computes until training moves them: how a
+        teacher trained without coordinates is fine-tuned with them. This model is left as it is."""
+        if self.coordinate_frames:
+            raise ValueError(f"this model has coordinate channels already (frame scaled to {self.coordinate_frames})")
+        transformer = copy.deepcopy(self.transformer)
+        old = transformer.patch_embedding
+        new = torch.nn.Conv3d(old.in_channels + COORDINATE_CHANNELS, old.out_channels, old.kernel_size, old.stride,
+                              bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.zero_()[:, :old.in_channels] = old.weight
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        transformer.patch_embedding = new.requires_grad_(old.weight.requires_grad)
+        # out_channels explicitly: a config without it would otherwise follow in_channels
+        transformer.register_to_config(in_channels=new.in_channels,
+                                       out_channels=self.config.out_channels or self.config.in_channels)
+        return WanDenoiser(transformer, self.schedule, coordinate_frames=frames)
+
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """A diffusers transformer directory (config + safetensors) plus ``schedule.json``."""
+        """A diffusers transformer directory (config + safetensors) plus ``schedule.json`` and, for a model with
+        coordinate channels, ``inputs.json`` (a stock diffusers config cannot say what its extra channels are)."""
         path = Path(path)
         self.transformer.save_pretrained(path, safe_serialization=True)
         if dtype is not None:  # diffusers saves in the module's dtype; rewrite the weights in the one asked for
@@ -135,24 +200,31 @@ class WanDenoiser(Denoiser):
                 old.unlink()
             save_file(state, str(path / "diffusion_pytorch_model.safetensors"))
         (path / "schedule.json").write_text(json.dumps(schedule_to_dict(self.schedule), indent=1))
+        if self.coordinate_frames:
+            (path / INPUTS_FILE).write_text(json.dumps({"coordinate_frames": self.coordinate_frames}, indent=1))
+        else:
+            (path / INPUTS_FILE).unlink(missing_ok=True)  # a stale one from an earlier save into this directory
         return path
 
     @classmethod
     def from_config(cls, config: dict[str, Any], schedule: Schedule | None = None,
-                    dtype: torch.dtype = torch.float32, seed: int | None = 0) -> "WanDenoiser":
-        """Random weights from a transformer config (benchmarks, tests, training from scratch)."""
+                    dtype: torch.dtype = torch.float32, seed: int | None = 0,
+                    coordinate_frames: int = 0) -> "WanDenoiser":
+        """Random weights from a transformer config (benchmarks, tests, training from scratch); its
+        ``in_channels`` include the coordinate channels when ``coordinate_frames`` > 0."""
         if seed is not None:
             torch.manual_seed(seed)
         unknown = set(config) - set(WanTransformer3DModel._get_init_keys(WanTransformer3DModel)) - {"_class_name",
                                                                                                      "_diffusers_version"}
         if unknown:
             raise ValueError(f"unknown WanTransformer3DModel config keys: {sorted(unknown)}")
-        return cls(_cast(WanTransformer3DModel.from_config(config), dtype), schedule)
+        return cls(_cast(WanTransformer3DModel.from_config(config), dtype), schedule, coordinate_frames)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, schedule: Schedule | None = None,
                         dtype: torch.dtype = torch.float32) -> "WanDenoiser":
-        """Weights from a local diffusers directory: a transformer folder or a whole Wan pipeline folder."""
+        """Weights from a local diffusers directory: a transformer folder or a whole Wan pipeline folder (with
+        ``inputs.json`` beside the transformer's config when it has coordinate channels)."""
         path = Path(path)
         if (path / "transformer").is_dir():
             schedule = schedule or _pipeline_schedule(path)
@@ -161,13 +233,15 @@ class WanDenoiser(Denoiser):
             raise FileNotFoundError(f"{path} is not a diffusers model directory (no config.json)")
         if schedule is None and (path / "schedule.json").is_file():
             schedule = schedule_from_dict(json.loads((path / "schedule.json").read_text()))
+        inputs = json.loads((path / INPUTS_FILE).read_text()) if (path / INPUTS_FILE).is_file() else {}
         transformer = WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-        return cls(transformer, schedule)
+        return cls(transformer, schedule, inputs.get("coordinate_frames", 0))
 
     @classmethod
     def load(cls, source: str | Path | dict[str, Any], schedule: Schedule | None = None,
              dtype: torch.dtype = torch.float32) -> "WanDenoiser":
-        """From a preset name, a config dict, a config ``.json`` file, or a local pretrained directory."""
+        """From a preset name, a config dict, a config ``.json`` file, or a local pretrained directory (only the
+        last can have coordinate channels: its ``inputs.json`` says so)."""
         if isinstance(source, dict):
             return cls.from_config(source, schedule, dtype)
         if isinstance(source, str) and source in WAN_PRESETS:

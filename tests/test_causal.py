@@ -21,6 +21,15 @@ def causal():
     return CausalWanDenoiser.from_bidirectional(WanDenoiser.load("tiny-random"), chunk_frames=2).eval()
 
 
+@pytest.fixture(scope="module")
+def causal_coords():
+    """With coordinate channels whose weights are random, not zero: a chunk's frame coordinate must matter."""
+    model = WanDenoiser.load("tiny-random").with_coordinates(6)
+    with torch.no_grad():
+        model.transformer.patch_embedding.weight[:, 3:].normal_(std=0.2, generator=torch.Generator().manual_seed(5))
+    return CausalWanDenoiser.from_bidirectional(model, chunk_frames=2).eval()
+
+
 def _cond(batch=2, seed=0):
     return Conditioning(torch.randn(batch, 5, 384, generator=torch.Generator().manual_seed(seed)))
 
@@ -43,7 +52,11 @@ def test_mask_mode_is_causal_and_differs_from_bidirectional(causal):
     assert (bidirectional[:, :, :4] - y2[:, :, :4]).abs().max() > 1e-3
 
 
-def test_streaming_equals_masked_whole_clip(causal):
+@pytest.mark.parametrize("model", ["causal", "causal_coords"])
+def test_streaming_equals_masked_whole_clip(model, request):
+    """Chunk by chunk with the KV cache (a chunk's RoPE and frame-coordinate positions at its place in the window)
+    as over the whole clip with the block mask."""
+    causal = request.getfixturevalue(model)
     noise, cond = torch.randn(2, 3, 6, 16, 16, generator=torch.Generator().manual_seed(1)), _cond()
     with torch.no_grad():
         streamed = stream_sample(causal, noise, cond, TIMES, generator=torch.Generator().manual_seed(2))
@@ -85,8 +98,8 @@ def test_rolling_window_memory_is_flat(causal):
     assert [b.data_ptr() for b in (cache.k, cache.k_rot, cache.v)] == pointers and cache.nbytes() == size
 
 
-def _trained_dir(tmp_path, dtype=torch.float32):
-    model = WanDenoiser.load("tiny-random")
+def _trained_dir(tmp_path, dtype=torch.float32, model=None):
+    model = model or WanDenoiser.load("tiny-random")
     out = model.save_pretrained(tmp_path / "model", dtype=dtype)
     method = {"method": "dmd", "timesteps": TIMES, "causal": {"chunk_frames": 2, "train_frames": 6,
                                                               "latent_size": [3, 16, 16]}}
@@ -104,6 +117,20 @@ def test_export_load_roundtrip_is_bitwise(tmp_path, dtype):
     first, second = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) and first[k].dtype == second[k].dtype for k in first)
+
+
+def test_export_keeps_coordinate_channels_and_old_configs_load(tmp_path, causal_coords):
+    out = export_streaming(_trained_dir(tmp_path, model=causal_coords), tmp_path / "gen")
+    assert StreamingConfig.read(out).coordinate_frames == 6
+    generator = StreamingGenerator.from_pretrained(out, load_text_encoder=False)
+    assert generator.model.coordinate_frames == 6 and generator.model.latent_channels == 3
+    x, t, cond = torch.randn(1, 3, 2, 16, 16), torch.tensor([0.5]), _cond(1)
+    with torch.no_grad():
+        torch.testing.assert_close(generator.model(x, t, cond), causal_coords(x, t, cond), atol=1e-6, rtol=1e-6)
+    table = json.loads((out / "streaming.json").read_text())
+    del table["coordinate_frames"]  # written before coordinate channels existed
+    (out / "streaming.json").write_text(json.dumps(table))
+    assert StreamingConfig.read(out).coordinate_frames == 0
 
 
 def test_stream_yields_frames_with_changing_prompts(tmp_path):

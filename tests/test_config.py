@@ -33,6 +33,8 @@ def test_overrides_take_toml_values():
     ("[method]\ncfg_dropout = 1.5", "cfg_dropout must be in"),
     ("[optim]\nbetas = [0.9]", "betas must have two entries"),
     ("[model]\nconfig = 3", "model.config: expected a table"),
+    ("[model]\ncoordinates = 1", "model.coordinates must be 0"),
+    ("[model]\ncoordinates = 16\n[lora]\nrank = 4", "model.coordinates > 0 with lora.rank > 0"),
     ("train = [1, 2", "not valid TOML"),
 ])
 def test_bad_job_files_name_file_and_key(tmp_path, text, message):

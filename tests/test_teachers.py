@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -117,3 +118,86 @@ def test_shipped_tiny_teacher_follows_its_background_prompt():
     # black is -1 and gray -0.1; 6 guided steps overshoot a little, so allow a margin
     assert median[0] < -0.8
     assert -0.5 < median[1] < 0.5 and median[1] - median[0] > 0.8
+
+
+def test_coordinate_channels_span_the_clip_and_saturate_past_it():
+    from teachers.wan import coordinate_channels
+
+    grid = coordinate_channels(2, 3, 4, 5, reference_frames=3, dtype=torch.float64)
+    assert grid.shape == (2, 3, 3, 4, 5) and grid.dtype == torch.float64
+    assert grid[1, 0, 2, 3].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]  # x across the width
+    assert grid[0, 1, 1, :, 4].tolist() == pytest.approx([-1.0, -1 / 3, 1 / 3, 1.0])  # y across the height
+    assert grid[0, 2, :, 2, 1].tolist() == [-1.0, 0.0, 1.0]  # frame: a training-length clip spans [-1, 1]
+    later = coordinate_channels(1, 3, 4, 5, reference_frames=5, frame_offset=3)
+    assert later[0, 2, :, 0, 0].tolist() == [0.5, 1.0, 1.0]  # frames past the training length stay at 1
+    assert torch.equal(later[0, :2], grid[0, :2].float())
+    with pytest.raises(ValueError, match="reference_frames >= 2"):
+        coordinate_channels(1, 2, 4, 4, reference_frames=1)
+
+
+@pytest.fixture(scope="module")
+def with_coords(tiny):
+    return tiny.with_coordinates(4)
+
+
+def test_with_coordinates_starts_as_the_model_and_learns_from_them(tiny, with_coords):
+    assert with_coords.coordinate_frames == 4 and with_coords.latent_channels == 3
+    assert with_coords.config.in_channels == 6 and with_coords.config.out_channels == 3
+    assert tiny.config.in_channels == 3 and tiny.coordinate_frames == 0  # the original is untouched
+    x, t, cond = torch.randn(2, 3, 4, 8, 8), torch.tensor([0.9, 0.3]), _cond()
+    with torch.no_grad():
+        assert torch.equal(with_coords(x, t, cond), tiny(x, t, cond))  # zero-initialised: bitwise the same
+        moved = copy.deepcopy(with_coords)
+        moved.transformer.patch_embedding.weight[:, 3:].normal_(std=0.1)
+        assert (moved(x, t, cond) - tiny(x, t, cond)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="do not fit"):
+        with_coords(torch.randn(1, 6, 2, 8, 8), torch.tensor([0.5]), _cond(1))  # callers pass latents only
+    with pytest.raises(ValueError, match="already"):
+        with_coords.with_coordinates(4)
+    with pytest.raises(ValueError, match="in_channels"):
+        WanDenoiser.from_config({**WAN_PRESETS["tiny-random"], "in_channels": 3}, coordinate_frames=4)
+    with pytest.raises(ValueError, match="coordinate_frames must be"):
+        WanDenoiser(tiny.transformer, coordinate_frames=1)
+
+
+def test_coordinates_survive_save_load_and_diffusers_export(with_coords, tmp_path):
+    from distill.export import export_diffusers
+
+    saved = with_coords.save_pretrained(tmp_path / "model")
+    assert json.loads((saved / "inputs.json").read_text()) == {"coordinate_frames": 4}
+    loaded = teachers.load("wan", str(saved))
+    exported = export_diffusers(saved, tmp_path / "export")
+    from_export = teachers.load("wan", str(exported))  # a pipeline folder: transformer/inputs.json
+    x, t, weights = torch.randn(1, 3, 2, 8, 8), torch.tensor([0.5]), with_coords.state_dict()
+    with torch.no_grad():
+        reference = with_coords(x, t, _cond(1))
+        for model in (loaded, from_export):
+            assert model.coordinate_frames == 4
+            state = model.state_dict()
+            assert state.keys() == weights.keys() and all(torch.equal(v, weights[k]) for k, v in state.items())
+            # equal weights, but CPU matmuls of freshly loaded tensors may round differently in the last bit
+            torch.testing.assert_close(model(x, t, _cond(1)), reference, atol=1e-6, rtol=1e-6)
+    assert "3 coordinate channels" in (exported / "README.md").read_text()
+    WanDenoiser.load("tiny-random").save_pretrained(saved)  # no coordinates: no (stale) inputs.json
+    assert not (saved / "inputs.json").exists() and teachers.load("wan", str(saved)).coordinate_frames == 0
+
+
+def test_job_model_coordinates_extend_or_match_the_loaded_model(tmp_path, monkeypatch):
+    from distill.config import ConfigError, load_job
+    from distill.run import build_model
+
+    plain = load_job(None, ["model.source=tiny-random"])
+    job = load_job(None, ["model.source=tiny-random", "model.coordinates=16"])
+    model = build_model(job)
+    assert model.coordinate_frames == 16 and model.config.in_channels == 6
+    x, t = torch.randn(1, 3, 2, 8, 8), torch.tensor([0.5])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, _cond(1)), build_model(plain)(x, t, _cond(1)))
+    saved = str(model.save_pretrained(tmp_path / "model"))
+    assert build_model(load_job(None, [f"model.source='{saved}'", "model.coordinates=16"])).coordinate_frames == 16
+    assert build_model(load_job(None, [f"model.source='{saved}'"])).coordinate_frames == 16  # kept without the key
+    with pytest.raises(ConfigError, match="scale the frame to 16 frames"):
+        build_model(load_job(None, [f"model.source='{saved}'", "model.coordinates=8"]))
+    monkeypatch.setitem(teachers.REGISTRY, "other", lambda source, schedule=None, dtype=None: torch.nn.Identity())
+    with pytest.raises(ConfigError, match="Wan models only"):
+        build_model(load_job(None, ["model.family=other", "model.source=x", "model.coordinates=16"]))
