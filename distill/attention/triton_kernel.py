@@ -78,7 +78,7 @@ class KernelConfig:
 # tile is read once per query tile) by 64 or 128 keys; the 4-warp 64 x 64 shapes fit two programs per SM, whose
 # softmax and matmuls then overlap, for twice the key/value traffic. Backward: (dkdv, dq) pairs; dq None = atomic.
 # The TMA variants of the best shapes (Hopper bulk tensor copies of the streamed tiles) won the second H200 sweep;
-# the last backward pairs explore deeper pipelines and wider tiles around that winner.
+# the last five backward pairs (deeper pipelines, wider dq tiles around that winner) did not beat it in the third.
 FWD_CANDIDATES = (Launch(128, 128, 8, 2), Launch(128, 128, 8, 3), Launch(128, 64, 8, 2), Launch(128, 64, 8, 3),
                   Launch(128, 64, 8, 4), Launch(64, 64, 4, 2), Launch(64, 64, 4, 3),
                   Launch(128, 128, 8, 2, True), Launch(128, 128, 8, 3, True), Launch(128, 64, 8, 3, True))
@@ -96,9 +96,10 @@ BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (L
                   (Launch(32, 128, 8, 3, True), Launch(128, 64, 8, 2, True)),
                   (Launch(32, 128, 8, 3, True), Launch(64, 128, 8, 3, True)))
 # DEFAULT is the sweep's choice on an H200 (eval/results/attention_sweep_h200.json, 480p, 20% density): every
-# kernel streams its tiles by TMA. Forward 128 x 128, 3 stages: 0.92 of dense SDPA's rate (0.82 without
-# TMA); the two-kernel backward: 0.79 forward+backward (0.66 without). The atomic-dq backward does 5 matmuls
-# per kept pair instead of 7, yet ran at most 0.56: its fp32 atomic adds cost more than the recomputation.
+# kernel streams its tiles by TMA. Forward 128 x 128, 3 stages: 0.87-0.92 of dense SDPA's rate (0.82 without
+# TMA); the two-kernel backward: 0.79-0.81 forward+backward (0.66 without). The atomic-dq backward does 5 matmuls
+# per kept pair instead of 7, yet ran at most 0.57 (0.55 adding dq by bulk TMA reductions): the adds cost more
+# than the recomputation.
 DEFAULT = KernelConfig(fwd=Launch(128, 128, 8, 3, True), dkdv=Launch(32, 128, 8, 3, True),
                        dq=Launch(128, 64, 8, 3, True))
 # float32 inputs are the exact reference path (tests), not a speed path: one small launch whose tiles fit shared
