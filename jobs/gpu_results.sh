@@ -4,9 +4,10 @@
 #   jobs/gpu_results.sh evaluate   # dmd_tiny, lora_tiny, sparse_tiny, methods_tiny (512 prompts each)
 #   jobs/gpu_results.sh causal     # causal DMD (diffusion forcing, self-forcing) from the regression student; causal_tiny
 #   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks, each alone on the GPU
-# and later on one H200 (three calls):
+# and later on one H200:
 #   jobs/gpu_results.sh methods    # cd_s4, cd_s1, dmd_s1, dmd_gan_s1 side by side (4.8 min each), then methods_tiny_h200
 #   jobs/gpu_results.sh h200       # the Triton sweep, attention at 480p and 720p (20% density), compiled streaming
+#   jobs/gpu_results.sh teacher    # the teacher's phases 6-7 (coordinate channels) and its evaluation (two calls)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -68,5 +69,16 @@ case "${1:-}" in
     python eval/bench_attention.py --shapes 720p --densities 0.2 --iters 5 --out eval/results/attention_h200.json --append
     # its compiled row was appended to eval/results/streaming_h200.json (eager rows: --ends-only --no-compile --chunks 8)
     python eval/bench_streaming.py --ends-only --compile --chunks 8 --out runs/streaming_compiled.json ;;
-  *) echo "usage: $0 students|evaluate|causal|bench|methods|h200" >&2; exit 2 ;;
+  teacher)
+    # phase 6 starts from the phase-5 teacher: teachers/tiny as it was at commit a31b9f2 (before these channels)
+    T=(--set "model.config={}" --set optim.warmup_steps=100 --set schedule.shift=3.0 --set train.steps=30000
+       --set "schedule.time_distribution='uniform'" --set train.checkpoint_every=100000)
+    python -m distill.cli train jobs/tiny_teacher.toml "${T[@]}" --set "model.source='teachers/tiny'" \
+      --set optim.lr=3e-4 --set train.max_minutes=5.5 --set "output.dir='runs/teacher_pos'"
+    python -m distill.cli train jobs/tiny_teacher.toml "${T[@]}" --set "model.source='runs/teacher_pos/model'" \
+      --set optim.lr=2e-4 --set train.max_minutes=5.0 --set "output.dir='runs/teacher_pos2'"
+    python -m eval.prompt_sensitivity --teacher runs/teacher_pos2/model --device cuda --num 32
+    python -m distill.cli eval --teacher runs/teacher_pos2/model --steps 50 4 2 1 --num 512 --device cuda \
+      --out runs/teacher_pos2_eval.json ;;  # its rows are in eval/results/tiny_teacher.json
+  *) echo "usage: $0 students|evaluate|causal|bench|methods|h200|teacher" >&2; exit 2 ;;
 esac

@@ -131,3 +131,4 @@ def test_the_shipped_teacher_job_file_runs_on_cpu_at_tiny_settings(tmp_path):
                  "data.pool=0", "train.steps=1", "logging.every=1", "logging.progress=false"]
     out = train(load_job(job_file, overrides))
     assert _losses(tmp_path)[1] > 0 and (out / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((out / "inputs.json").read_text()) == {"coordinate_frames": 16}  # the job's coordinates
