@@ -1,8 +1,10 @@
 """Does a Wan DiT need an absolute position signal to learn what a direction word implies from pure noise?
 
-The tiny teacher ignores direction (teachers/tiny/README.md): from noise its x0 moves with the direction word by a
-seventh of what the data's posterior means imply. The suspected cause is that Wan's only position signal is
-relative (RoPE), so from stationary noise it cannot place a shape where the caption's motion implies. This trains
+The tiny teacher without coordinate channels ignored direction (teachers/tiny/README.md): from noise its x0 moved with
+the direction word by a seventh of what the data's posterior means imply. The suspected cause was that Wan's only
+position signal is relative (RoPE), so from stationary noise it cannot place a shape where the caption's motion
+implies; this check pointed to the fix (``model.coordinates``, teachers/wan.py), which the fine-tuned teacher
+confirmed. It trains
 two small Wan DiTs on a proxy of the domain (8 frames of 16x16, one-hot attribute tokens instead of the text
 encoder, flow matching with shift 3), identical except that the second also gets (x, y, frame) coordinate channels
 as input, and prints each one's x0 change at t = 1 per attribute next to the ideal one. Exploratory, CPU:
@@ -20,6 +22,7 @@ from diffusers import WanTransformer3DModel
 from distill.data.synthetic import ATTRIBUTES, render, sample_labels
 from distill.schedule import FlowMatching, shift_time
 from eval.prompt_sensitivity import mean_clip, swapped
+from teachers.wan import coordinate_channels
 
 F, H, W = 8, 16, 16
 VALUES = [(a, v) for a, vs in ATTRIBUTES.items() for v in vs]
@@ -35,14 +38,6 @@ def tokens(labels: dict[str, str]) -> torch.Tensor:
     return t
 
 
-def coords(b: int) -> torch.Tensor:
-    """(x, y, frame) in [-1, 1] as three input channels: the absolute position signal under test."""
-    f = torch.linspace(-1, 1, F).view(F, 1, 1).expand(F, H, W)
-    y = torch.linspace(-1, 1, H).view(1, H, 1).expand(F, H, W)
-    x = torch.linspace(-1, 1, W).view(1, 1, W).expand(F, H, W)
-    return torch.stack([x, y, f]).expand(b, 3, F, H, W)
-
-
 def build(pos: bool) -> WanTransformer3DModel:
     torch.manual_seed(0)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
@@ -54,7 +49,7 @@ def build(pos: bool) -> WanTransformer3DModel:
 def forward(model: WanTransformer3DModel, pos: bool, x_t: torch.Tensor, t: torch.Tensor,
             text: torch.Tensor) -> torch.Tensor:
     """The predicted velocity (noise - x0)."""
-    inp = torch.cat([x_t, coords(x_t.shape[0])], 1) if pos else x_t
+    inp = torch.cat([x_t, coordinate_channels(x_t.shape[0], F, H, W, reference_frames=F)], 1) if pos else x_t
     return model(inp, timestep=t * 1000, encoder_hidden_states=text, return_dict=False)[0]
 
 
