@@ -413,8 +413,11 @@ def make_causal_student(model: WanDenoiser, chunk_frames: int, init: str = "") -
                          f"{type(model).__name__}")
     student = make_student(model)
     if init:
-        trained = WanDenoiser.from_pretrained(init).transformer.state_dict()
-        student.transformer.load_state_dict(trained)
+        trained = WanDenoiser.from_pretrained(init)
+        if trained.coordinate_frames != model.coordinate_frames:
+            raise ValueError(f"student.init {init} has coordinate_frames = {trained.coordinate_frames}, the teacher "
+                             f"{model.coordinate_frames}: initialise from a model trained from this teacher")
+        student.transformer.load_state_dict(trained.transformer.state_dict())
     return CausalWanDenoiser.from_bidirectional(student, chunk_frames)
 
 

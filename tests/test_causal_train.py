@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.causal import CausalWanDenoiser, chunk_steps, forcing_rollout
+from distill.causal import CausalWanDenoiser, chunk_steps, forcing_rollout, make_causal_student
 from distill.cli import main
 from distill.conditioning import Conditioning
 from distill.config import ConfigError, load_job
@@ -34,6 +34,14 @@ def test_student_settings_are_validated():
         load_job(JOB, ["method.name='flow'"])
     with pytest.raises(ConfigError, match="would replace it"):
         load_job(JOB, ["attention.pattern='tile'"])
+
+
+def test_student_init_must_share_the_teachers_coordinate_channels(tmp_path):
+    plain = WanDenoiser.load("tiny-random")
+    init = plain.save_pretrained(tmp_path / "init")
+    assert make_causal_student(plain, 2, str(init)).coordinate_frames == 0
+    with pytest.raises(ValueError, match="coordinate_frames = 0, the teacher 4"):
+        make_causal_student(plain.with_coordinates(4), 2, str(init))
 
 
 def test_forcing_rollout_leaves_chunks_at_their_drawn_steps():
