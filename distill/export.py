@@ -20,7 +20,7 @@ from pathlib import Path
 from distill.attention.spec import SAVED_NAME
 from distill.lora import LORA_FILE, LORA_META, is_lora_model, load_student
 from distill.schedule import schedule_from_dict
-from teachers.wan import COORDINATE_CHANNELS, INPUTS_FILE
+from teachers.wan import COORDINATE_CHANNELS, INPUTS_FILE, saved_coordinate_frames
 
 FORMATS = ("diffusers", "lora")
 
@@ -45,7 +45,8 @@ def export_diffusers(model_dir: str | Path, out_dir: str | Path) -> Path:
     if type(schedule).__name__ != "FlowMatching":
         raise ValueError(f"{model_dir}: only flow-matching models export to diffusers' FlowMatchEuler scheduler")
     (out / "transformer").mkdir(parents=True, exist_ok=True)
-    inputs = [model_dir / INPUTS_FILE] if (model_dir / INPUTS_FILE).is_file() else []  # coordinate channels
+    coordinate_frames = saved_coordinate_frames(model_dir)
+    inputs = [model_dir / INPUTS_FILE] if coordinate_frames else []
     for path in [model_dir / "config.json", model_dir / "schedule.json", *inputs, *weights]:
         shutil.copy2(path, out / "transformer" / path.name)
     times = method.get("timesteps")
@@ -57,7 +58,6 @@ def export_diffusers(model_dir: str | Path, out_dir: str | Path) -> Path:
     (out / "method.json").write_text(json.dumps(method, indent=1))
     if (model_dir / SAVED_NAME).is_file():  # a sparse student keeps the attention it was trained with
         shutil.copy2(model_dir / SAVED_NAME, out / SAVED_NAME)
-    coordinate_frames = json.loads(inputs[0].read_text())["coordinate_frames"] if inputs else 0
     (out / "README.md").write_text(_model_card(method, schedule.shift, times, coordinate_frames=coordinate_frames))
     return out
 

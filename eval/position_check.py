@@ -4,10 +4,10 @@ The tiny teacher without coordinate channels ignored direction (teachers/tiny/RE
 the direction word by a seventh of what the data's posterior means imply. The suspected cause was that Wan's only
 position signal is relative (RoPE), so from stationary noise it cannot place a shape where the caption's motion
 implies; this check pointed to the fix (``model.coordinates``, teachers/wan.py), which the fine-tuned teacher
-confirmed. It trains
-two small Wan DiTs on a proxy of the domain (8 frames of 16x16, one-hot attribute tokens instead of the text
-encoder, flow matching with shift 3), identical except that the second also gets (x, y, frame) coordinate channels
-as input, and prints each one's x0 change at t = 1 per attribute next to the ideal one. Exploratory, CPU:
+confirmed. It trains two small Wan DiTs on a proxy of the domain (8 frames of 16x16, one-hot attribute tokens
+instead of the text encoder, flow matching with shift 3), identical except that the second also gets (x, y, frame)
+coordinate channels as input, and prints each one's x0 change at t = 1 per attribute next to the ideal one.
+Exploratory, CPU:
 
     python -m eval.position_check --steps 1000
 """
@@ -21,7 +21,7 @@ from diffusers import WanTransformer3DModel
 
 from distill.data.synthetic import ATTRIBUTES, render, sample_labels
 from distill.schedule import FlowMatching, shift_time
-from eval.prompt_sensitivity import mean_clip, swapped
+from eval.prompt_sensitivity import ideal_change, swapped
 from teachers.wan import coordinate_channels
 
 F, H, W = 8, 16, 16
@@ -90,8 +90,7 @@ def t1_deltas(model: WanTransformer3DModel, pos: bool, attribute: str, num: int 
         xa, xb = (SCHEDULE.split(eps, t, forward(model, pos, eps, t, tokens(lab).expand(noise_draws, -1, -1)))[0]
                   .mean(0) for lab in (a, b))
         got.append((xa - xb).abs().mean().item())
-        ma, mb = (mean_clip(lab, 200, rng, F, H, W) for lab in (a, b))
-        ideal.append((ma - mb).abs().mean().item())
+        ideal.append(ideal_change(a, b, 200, rng, F, H, W))
     return round(float(np.mean(got)), 4), round(float(np.mean(ideal)), 4)
 
 

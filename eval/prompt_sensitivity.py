@@ -46,12 +46,19 @@ def mean_clip(labels: dict[str, str], clips: int, rng: np.random.Generator, fram
     return torch.stack([render(labels, frames, height, width, rng) for _ in range(clips)]).mean(0)
 
 
+def ideal_change(labels: dict[str, str], other: dict[str, str], clips: int, rng: np.random.Generator, frames: int,
+                 height: int, width: int) -> float:
+    """Mean |E[clip | labels] - E[clip | other]|: how far x0 from pure noise should move between the two captions."""
+    return (mean_clip(labels, clips, rng, frames, height, width)
+            - mean_clip(other, clips, rng, frames, height, width)).abs().mean().item()
+
+
 @torch.no_grad()
 def sensitivity(model: Denoiser, encoder: TextEncoder, times: list[float], num: int, seed: int = 0,
                 frames: int = 16, height: int = 32, width: int = 32, posterior_clips: int = 200) -> list[dict]:
     """One row per (attribute, time): mean |x0(caption) - x0(caption with that attribute changed)| over ``num``
     real clips, next to the mean |x0 - clip| error of the prediction itself (the scale to read it against), and at
-    t = 1 the ideal change (:func:`mean_clip`)."""
+    t = 1 the ideal change (:func:`ideal_change`)."""
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     rows = []
@@ -71,10 +78,9 @@ def sensitivity(model: Denoiser, encoder: TextEncoder, times: list[float], num: 
                    "delta_x0": round((own - changed).abs().mean().item(), 5),
                    "x0_error": round((own - clips).abs().mean().item(), 5)}
             if t == 1.0:
-                ideal = [(mean_clip(a, posterior_clips, rng, frames, height, width)
-                          - mean_clip(b, posterior_clips, rng, frames, height, width)).abs().mean().item()
-                         for a, b in zip(labels, others)]
-                row["ideal_delta_x0"] = round(float(np.mean(ideal)), 5)
+                ideal = np.mean([ideal_change(a, b, posterior_clips, rng, frames, height, width)
+                                 for a, b in zip(labels, others)])
+                row["ideal_delta_x0"] = round(float(ideal), 5)
             rows.append(row)
     return rows
 

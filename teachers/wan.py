@@ -37,6 +37,12 @@ INPUTS_FILE = "inputs.json"  # {"coordinate_frames": N} beside a saved model tha
 COORDINATE_CHANNELS = 3  # x, y, frame
 
 
+def saved_coordinate_frames(directory: str | Path) -> int:
+    """The ``coordinate_frames`` recorded beside a saved transformer (its ``inputs.json``), 0 when it has none."""
+    file = Path(directory) / INPUTS_FILE
+    return json.loads(file.read_text())["coordinate_frames"] if file.is_file() else 0
+
+
 def coordinate_channels(batch: int, frames: int, height: int, width: int, reference_frames: int,
                         frame_offset: int = 0, device=None, dtype: torch.dtype | None = None) -> Tensor:
     """Absolute (x, y, frame) coordinates in [-1, 1] as three input channels ``[B, 3, T, H, W]``.
@@ -233,9 +239,8 @@ class WanDenoiser(Denoiser):
             raise FileNotFoundError(f"{path} is not a diffusers model directory (no config.json)")
         if schedule is None and (path / "schedule.json").is_file():
             schedule = schedule_from_dict(json.loads((path / "schedule.json").read_text()))
-        inputs = json.loads((path / INPUTS_FILE).read_text()) if (path / INPUTS_FILE).is_file() else {}
         transformer = WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-        return cls(transformer, schedule, inputs.get("coordinate_frames", 0))
+        return cls(transformer, schedule, saved_coordinate_frames(path))
 
     @classmethod
     def load(cls, source: str | Path | dict[str, Any], schedule: Schedule | None = None,
