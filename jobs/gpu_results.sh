@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The GPU runs behind eval/results/*.json on one H100, as they were run (four calls of at most 10 minutes):
-#   jobs/gpu_results.sh students   # 11 tiny-domain jobs side by side, 4.3 minutes of training each, + ODE pairs/regression
-#   jobs/gpu_results.sh evaluate   # dmd_tiny, lora_tiny, sparse_tiny, methods_tiny (512 prompts each)
+# The GPU runs behind eval/results/*.json, as they were run (calls of at most 10 minutes on one GPU).
+# The students of the current teacher (phase 7), on one H200:
+#   jobs/gpu_results.sh students   # 7 method jobs side by side (5.8 minutes of training each) + ODE pairs/regression
+#   jobs/gpu_results.sh evaluate   # methods_tiny (all 7) and dmd_tiny (512 prompts each)
 #   jobs/gpu_results.sh causal     # causal DMD (diffusion forcing, self-forcing) from the regression student; causal_tiny
-#   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks, each alone on the GPU
-# and later on one H200:
-#   jobs/gpu_results.sh methods    # cd_s4, cd_s1, dmd_s1, dmd_gan_s1 side by side (4.8 min each), then methods_tiny_h200
+# Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
+# Benchmarks and the teacher:
+#   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks on one H100, each alone
 #   jobs/gpu_results.sh h200       # the Triton sweep, attention at 480p and 720p (20% density), compiled streaming
 #   jobs/gpu_results.sh teacher    # the teacher's phases 6-7 (coordinate channels) and its evaluation (two calls)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-R=runs/methods; C=runs/causal_tiny; MIN=${MIN:-4.3}; NUM=${NUM:-512}
+R=runs/methods; C=runs/causal_tiny; MIN=${MIN:-5.8}; NUM=${NUM:-512}
 mkdir -p $R/logs
 train() {  # NAME JOB [--set ...]: one job in the background, stopped by train.max_minutes
   local name=$1 job=$2; shift 2
@@ -24,21 +25,23 @@ case "${1:-}" in
     train dmd_gan_s1 jobs/tiny_dmd_gan.toml --set method.student_steps=1
     for s in 1 2 4; do train cd_s$s jobs/tiny_cd.toml --set method.student_steps=$s; done
     train cd_gan_s1 jobs/tiny_cd_gan.toml --set method.student_steps=1
+    python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num 1024 --student-steps 4 --teacher-steps 48 \
+      --guidance 4 --dtype float16 --batch-size 128 > $R/logs/pairs.log 2>&1
+    python -m distill.cli train jobs/causal_tiny_ode.toml --set train.max_minutes=3.0 > $R/logs/ode.log 2>&1
+    wait ;;
+  lora_sparse)
     train lora jobs/lora_tiny_dmd.toml --set data.batch_size=32 --set data.pool=8192 --set train.ema_decay=0.99
     train sparse jobs/sparse_tiny_dmd.toml --set data.batch_size=32 --set data.pool=8192 --set train.ema_decay=0.99
-    python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num 2048 --student-steps 4 --teacher-steps 48 \
-      --guidance 4 --dtype float16 --batch-size 128 > $R/logs/pairs.log 2>&1
-    python -m distill.cli train jobs/causal_tiny_ode.toml --set train.max_minutes=2.8 > $R/logs/ode.log 2>&1
-    wait ;;
+    wait
+    E=(--num $NUM --device cuda)
+    python -m distill.cli eval --teacher tiny --steps 50 --student $R/lora/model --student-name lora \
+      --also-student full=$R/dmd_s4/model --student-steps 4 2 1 "${E[@]}" --out eval/results/lora_tiny.json
+    python -m eval.compare_students --student sparse=$R/sparse/model --student dense=$R/dmd_s4/model \
+      --student-steps 4 2 1 "${E[@]}" --out eval/results/sparse_tiny.json ;;
   evaluate)
     E=(--num $NUM --device cuda)
     python -m distill.cli eval --teacher tiny --student $R/dmd_s4/model --steps 50 4 2 1 --student-steps 4 2 1 "${E[@]}" \
       --out eval/results/dmd_tiny.json --grid eval/results/dmd_tiny_grid.npy --scale 1 > $R/logs/eval_dmd.log 2>&1 &
-    python -m distill.cli eval --teacher tiny --steps 50 --student $R/lora/model --student-name lora \
-      --also-student full=$R/dmd_s4/model --student-steps 4 2 1 "${E[@]}" --out eval/results/lora_tiny.json \
-      > $R/logs/eval_lora.log 2>&1 &
-    python -m eval.compare_students --student sparse=$R/sparse/model --student dense=$R/dmd_s4/model \
-      --student-steps 4 2 1 "${E[@]}" --out eval/results/sparse_tiny.json > $R/logs/eval_sparse.log 2>&1 &
     python -m eval.compare_methods $R/{cd,cd_gan,dmd,dmd_gan}_s*/model "${E[@]}" --out eval/results/methods_tiny.json \
       > $R/logs/eval_methods.log 2>&1 &
     wait ;;
@@ -47,22 +50,13 @@ case "${1:-}" in
     python -m distill.cli train jobs/causal_tiny_df.toml "${T[@]}" > $R/logs/causal_df.log 2>&1 &
     python -m distill.cli train jobs/causal_tiny_sf.toml "${T[@]}" > $R/logs/causal_sf.log 2>&1 &
     wait
-    python eval/windows.py --teacher tiny --bidirectional $R/dmd_s4/model --causal dmd_df=$C/df/model \
+    python -m eval.windows --teacher tiny --bidirectional $R/dmd_s4/model --causal dmd_df=$C/df/model \
       --causal dmd_sf=$C/sf/model --causal regression=$C/ode/model --windows 0 1 4 --num 256 --device cuda \
       --out eval/results/causal_tiny.json ;;
   bench)
     python eval/bench_attention.py --shapes 480p
     python eval/bench_memory.py
     python eval/bench_streaming.py ;;
-  methods)
-    MIN=4.8
-    train cd_s4 jobs/tiny_cd.toml --set method.student_steps=4
-    train cd_s1 jobs/tiny_cd.toml --set method.student_steps=1
-    train dmd_s1 jobs/tiny_dmd.toml --set method.student_steps=1
-    train dmd_gan_s1 jobs/tiny_dmd_gan.toml --set method.student_steps=1
-    wait
-    python eval/compare_methods.py $R/{cd_s4,cd_s1,dmd_s1,dmd_gan_s1}/model --num $NUM --device cuda \
-      --out eval/results/methods_tiny_h200.json ;;
   h200)
     python eval/bench_attention.py --sweep  # then DEFAULT in distill/attention/triton_kernel.py = its 'chosen' row
     python eval/bench_attention.py --shapes 480p --densities 0.2 --out eval/results/attention_h200.json
@@ -80,5 +74,5 @@ case "${1:-}" in
     python -m eval.prompt_sensitivity --teacher runs/teacher_pos2/model --device cuda --num 32
     python -m distill.cli eval --teacher runs/teacher_pos2/model --steps 50 4 2 1 --num 512 --device cuda \
       --out runs/teacher_pos2_eval.json ;;  # its rows are in eval/results/tiny_teacher.json
-  *) echo "usage: $0 students|evaluate|causal|bench|methods|h200|teacher" >&2; exit 2 ;;
+  *) echo "usage: $0 students|evaluate|causal|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
 esac
