@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="eval/results/methods_tiny.json")
+    parser.add_argument("--append", action="store_true",
+                        help="add these rows to --out (with --teacher-steps 0: same prompts, same real clips)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
              f"guidance {args.guidance}; students sample without guidance at subsets of their step list (phased "
              "consistency students only at their own count); train_minutes: wall time of the training loop from the "
              "run's log.jsonl (startup, data pool and export excluded).")
-    write_results(args.out, rows, device, notes)
+    write_results(args.out, rows, device, notes, append=args.append)
     teacher_fvd = rows[0]["fvd_probe"] if args.teacher_steps else None
     print(f"wrote {args.out}\n")
     print(markdown(rows, teacher_fvd))

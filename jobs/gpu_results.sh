@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU runs behind eval/results/*.json, as they were run (calls of at most 10 minutes on one GPU).
 # The students of the current teacher (phase 7), on one H200:
-#   jobs/gpu_results.sh students   # 7 method jobs side by side (5.8 minutes of training each) + ODE pairs/regression
+#   jobs/gpu_results.sh students   # 7 method jobs side by side (5.8 minutes of training each)
 #   jobs/gpu_results.sh evaluate   # methods_tiny (all 7) and dmd_tiny (512 prompts each)
-#   jobs/gpu_results.sh causal     # causal DMD (diffusion forcing, self-forcing) from the regression student; causal_tiny
+#   jobs/gpu_results.sh one_step & jobs/gpu_results.sh causal; wait   # (one call)
+#     one_step: two longer 1-step DMD runs appended to methods_tiny
+#     causal: ODE pairs, regression, causal DMD (diffusion forcing, self-forcing) from it; causal_tiny
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
 # Benchmarks and the teacher:
 #   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks on one H100, each alone
@@ -25,10 +27,14 @@ case "${1:-}" in
     train dmd_gan_s1 jobs/tiny_dmd_gan.toml --set method.student_steps=1
     for s in 1 2 4; do train cd_s$s jobs/tiny_cd.toml --set method.student_steps=$s; done
     train cd_gan_s1 jobs/tiny_cd_gan.toml --set method.student_steps=1
-    python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num 1024 --student-steps 4 --teacher-steps 48 \
-      --guidance 4 --dtype float16 --batch-size 128 > $R/logs/pairs.log 2>&1
-    python -m distill.cli train jobs/causal_tiny_ode.toml --set train.max_minutes=3.0 > $R/logs/ode.log 2>&1
     wait ;;
+  one_step)  # two longer 1-step DMD runs, added to methods_tiny (ran beside `causal`)
+    MIN=7.3
+    train dmd_s1_long jobs/tiny_dmd.toml --set method.student_steps=1
+    train dmd_s1_lr5e-5 jobs/tiny_dmd.toml --set method.student_steps=1 --set optim.lr=5e-5
+    wait
+    python -m eval.compare_methods $R/dmd_s1_long/model $R/dmd_s1_lr5e-5/model --steps 1 --teacher-steps 0 --append \
+      --num $NUM --device cuda --out eval/results/methods_tiny.json ;;
   lora_sparse)
     train lora jobs/lora_tiny_dmd.toml --set data.batch_size=32 --set data.pool=8192 --set train.ema_decay=0.99
     train sparse jobs/sparse_tiny_dmd.toml --set data.batch_size=32 --set data.pool=8192 --set train.ema_decay=0.99
@@ -46,7 +52,10 @@ case "${1:-}" in
       > $R/logs/eval_methods.log 2>&1 &
     wait ;;
   causal)
-    T=(--set train.max_minutes=4.0 --set train.checkpoint_every=100000)
+    python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num 512 --student-steps 4 --teacher-steps 48 \
+      --guidance 4 --dtype float16 --batch-size 128 > $R/logs/pairs.log 2>&1
+    python -m distill.cli train jobs/causal_tiny_ode.toml --set train.max_minutes=2.0 > $R/logs/ode.log 2>&1
+    T=(--set train.max_minutes=3.0 --set train.checkpoint_every=100000)
     python -m distill.cli train jobs/causal_tiny_df.toml "${T[@]}" > $R/logs/causal_df.log 2>&1 &
     python -m distill.cli train jobs/causal_tiny_sf.toml "${T[@]}" > $R/logs/causal_sf.log 2>&1 &
     wait
