@@ -16,10 +16,11 @@ from torch import Tensor
 
 from distill.causal import stream_sample
 from distill.conditioning import Conditioning
+from distill.data.synthetic import MovingShapes
 from distill.stream import StreamingGenerator, generator_from_model_dir, measure
 from distill.text import TextEncoder
 from eval.evaluate import Sampler, eval_prompts, evaluate, generate, load_sampler, trained_method
-from eval.probe import Probe, attribute_accuracy, fvd_probe, reference_features
+from eval.probe import REFERENCE_SEED, Probe, attribute_accuracy, fvd_probe
 from eval.results import write_results
 
 
@@ -34,21 +35,39 @@ def causal_sampler(generator: StreamingGenerator) -> Sampler:
     return sample
 
 
-def window_metrics(videos: Tensor, labels: list[dict], probe: Probe, real: Tensor, frames: int,
+def real_long_videos(num: int, frames: int, height: int, width: int, length: int,
+                     seed: int = REFERENCE_SEED) -> tuple[Tensor, list[dict]]:
+    """``num`` real clips of ``frames`` continued to ``length`` frames (the same motion, past the clip), with their
+    labels: what a perfect streaming generator would make. Their first window is ``reference_features``' clips."""
+    data = MovingShapes(num, frames, height, width, seed, length=length)
+    items = [data[i] for i in range(num)]
+    return torch.stack([item["video"] for item in items]), [item["labels"] for item in items]
+
+
+def window_features(probe: Probe, videos: Tensor, frames: int, windows: list[int]) -> dict[int, Tensor]:
+    """Probe features of frames ``[k * frames, (k + 1) * frames)`` of ``videos``, per window ``k``."""
+    return {k: probe.features(videos[:, :, k * frames:(k + 1) * frames]) for k in windows}
+
+
+def window_metrics(videos: Tensor, labels: list[dict], probe: Probe, real: dict[int, Tensor], frames: int,
                    windows: list[int]) -> list[dict]:
-    """Probe accuracy and FVD-probe of frames ``[k * frames, (k + 1) * frames)`` of each video, per window ``k``."""
+    """Probe accuracy and FVD-probe of each window ``k`` of ``videos``: against the real videos' same window (drift
+    from what the domain does next) and against real training-length clips (window 0; how far the window looks
+    from a clip's start, which even real continuations do: their wall contact lies in the first window)."""
     rows = []
     for k in windows:
         clip = videos[:, :, k * frames:(k + 1) * frames]
         accuracy = attribute_accuracy(probe.predict(clip), labels)
+        features = probe.features(clip)
         rows.append({"window": k, "frames": [k * frames, (k + 1) * frames], "accuracy": round(accuracy["mean"], 4),
                      "accuracy_per_attribute": {a: round(v, 4) for a, v in accuracy.items() if a != "mean"},
-                     "fvd_probe": round(fvd_probe(probe, clip, real), 3)})
+                     "fvd_probe": round(fvd_probe(probe, features, real[k]), 3),
+                     "fvd_probe_vs_clips": round(fvd_probe(probe, features, real[0]), 3)})
     return rows
 
 
 def evaluate_causal(generator: StreamingGenerator, probe: Probe, encoder: TextEncoder, num: int, device: torch.device,
-                    frames: int, height: int, width: int, windows: list[int], batch_size: int, real: Tensor,
+                    frames: int, height: int, width: int, windows: list[int], batch_size: int, real: dict[int, Tensor],
                     speed_chunks: int) -> list[dict]:
     """One row per window, each with the streaming speed (batch 1, identity decoder) of the generator."""
     captions, labels = eval_prompts(num)
@@ -86,9 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     probe, encoder = Probe.load(device=device), TextEncoder.from_pretrained(device=device)
-    real = reference_features(probe, args.num, args.frames, args.height, args.width)
-    shape = (args.frames, args.height, args.width)
-    rows = []
+    shape, length = (args.frames, args.height, args.width), args.frames * (max(args.windows) + 1)
+    windows = sorted(set(args.windows) | {0})
+    real = window_features(probe, real_long_videos(args.num, *shape, length)[0], args.frames, windows)
+    videos, labels = real_long_videos(args.num, *shape, length, seed=REFERENCE_SEED + 1)
+    rows = [{"model": "real", "method": "data", **row} for row in window_metrics(videos, labels, probe, real,
+                                                                                 args.frames, args.windows)]
+    for row in rows:
+        print(f"{'real':14s} window {row['window']}  accuracy={row['accuracy']:.3f}  fvd_probe={row['fvd_probe']:.3f}")
     baselines = [("teacher", "flow", args.teacher_steps,
                   load_sampler(args.teacher, device, args.guidance, args.teacher_steps))]
     if args.bidirectional:
@@ -96,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         baselines.append(("bidirectional", trained["method"], len(trained["timesteps"]),
                           load_sampler(args.bidirectional, device, args.guidance)))
     for model, method, steps, sampler in baselines:
-        result = evaluate(sampler, probe, encoder, args.num, device, *shape, args.batch_size, real_features=real)
+        result = evaluate(sampler, probe, encoder, args.num, device, *shape, args.batch_size, real_features=real[0])
         result.pop("videos")
         rows.append({"model": model, "method": method, "steps": steps, "window": 0, **result})
         print(f"{model:14s} window 0  accuracy={result['accuracy']:.3f}  fvd_probe={result['fvd_probe']:.3f}")
@@ -112,13 +136,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:14s} window {row['window']}  accuracy={row['accuracy']:.3f}  "
                   f"fvd_probe={row['fvd_probe']:.3f}  first_chunk={row['first_chunk_latency_s']:.4f}s  "
                   f"fps={row['fps']:.1f}")
-    notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed); FVD-probe of each {args.frames}-frame "
-             f"window against {args.num} unseen real {args.frames}-frame clips; window k = frames "
+    notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed); window k = frames "
              f"[{args.frames}k, {args.frames}(k+1)) of one long video per prompt, streamed with the KV window of the "
-             f"student's job; teacher ({args.teacher_steps} Euler steps, guidance {args.guidance}) and the "
-             "bidirectional student generate one training-length clip (window 0 only). first_chunk_latency_s and "
-             "fps: batch 1, identity decoder (pixel space), after a warm-up stream; fps counts chunks after the "
-             "first. sec_per_video: the whole long video, batched.")
+             f"student's job. fvd_probe: against window k of {args.num} unseen real videos (training-length clips "
+             "whose motion continues past the clip, eval.windows.real_long_videos); fvd_probe_vs_clips: against their "
+             "window 0 (real clips). 'real' rows: other real videos of the same kind (the floor of both numbers; the "
+             "probe's direction label is the initial heading, so real windows after a wall contact score lower). "
+             f"The teacher ({args.teacher_steps} Euler steps, guidance {args.guidance}) and the bidirectional student "
+             "generate one training-length clip (window 0 only). first_chunk_latency_s and fps: batch 1, identity "
+             "decoder (pixel space), after a warm-up stream; fps counts chunks after the first. sec_per_video: the "
+             "whole long video, batched.")
     write_results(args.out, rows, device, notes)
     print(f"wrote {args.out}")
 

@@ -132,10 +132,14 @@ def test_window_eval_writes_causal_rows(tmp_path):
                   "--causal", f"sf={causal}", "--windows", "0", "2", "--num", "4", "--frames", "4", "--height", "16",
                   "--width", "16", "--speed-chunks", "3", "--device", "cpu", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["window"]) for r in rows] == [("teacher", 0), ("bidirectional", 0), ("sf", 0), ("sf", 2)]
-    causal_rows = rows[2:]
+    assert [(r["model"], r["window"]) for r in rows] == [("real", 0), ("real", 2), ("teacher", 0), ("bidirectional", 0),
+                                                        ("sf", 0), ("sf", 2)]
+    real, causal_rows = rows[:2], rows[4:]
     assert causal_rows[1]["frames"] == [8, 12] and causal_rows[0]["video_frames"] == 12
     assert all(r["fps"] > 0 and r["first_chunk_latency_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in causal_rows)
+    # window 0 is compared with the real clips either way; later windows with the real videos' own window
+    assert all(r["fvd_probe"] == r["fvd_probe_vs_clips"] for r in real + causal_rows if r["window"] == 0)
+    assert real[1]["fvd_probe"] != real[1]["fvd_probe_vs_clips"]
     from eval.evaluate import load_sampler  # model directories of causal students sample chunk by chunk
 
     noise = torch.randn(1, 3, 6, 16, 16)

@@ -233,3 +233,13 @@ def test_every_clip_shows_its_bounce_value():
         rng.bit_generator.state = state
         b = render(other, 16, 32, 32, rng)
         assert (a - b).abs().amax() > 0.5, labels
+
+
+def test_long_render_continues_the_clip():
+    """``length`` continues the same motion: the first ``frames`` are the clip, and the centre keeps moving."""
+    a = MovingShapes(4, frames=8, height=24, width=24, seed=5)[2]["video"]
+    b = MovingShapes(4, frames=8, height=24, width=24, seed=5, length=20)[2]["video"]
+    assert b.shape == (3, 20, 24, 24) and torch.equal(b[:, :8], a)
+    assert not torch.equal(b[:, 8:16], a)
+    with pytest.raises(ValueError, match="length must be >= 8"):
+        MovingShapes(4, frames=8, length=4)

@@ -282,14 +282,17 @@ def _rasterise(labels: Mapping[str, str], centres: np.ndarray, height: int, widt
 
 
 def render(
-    labels: Mapping[str, str], frames: int, height: int, width: int, rng: np.random.Generator
+    labels: Mapping[str, str], frames: int, height: int, width: int, rng: np.random.Generator,
+    length: int | None = None,
 ) -> torch.Tensor:
-    """Render a clip as float32 ``[3, frames, height, width]`` in [-1, 1] (diffusers' [C, T, H, W]).
+    """Render a clip as float32 ``[3, length, height, width]`` in [-1, 1] (diffusers' [C, T, H, W]).
 
-    The start position is drawn from ``rng``; everything else follows from the labels.
+    The start position is drawn from ``rng`` for a clip of ``frames`` (its wall contact in the first half);
+    everything else follows from the labels. ``length`` (default ``frames``) continues the same motion past the
+    clip: the real counterpart of a video streamed beyond the training length, whose first ``frames`` are the clip.
     """
     start = sample_start(labels, frames, height, width, rng)
-    return _rasterise(labels, trajectory(labels, start, frames, height, width), height, width)
+    return _rasterise(labels, trajectory(labels, start, length or frames, height, width), height, width)
 
 
 def caption(labels: Mapping[str, str], rng: np.random.Generator) -> str:
@@ -305,12 +308,15 @@ def caption(labels: Mapping[str, str], rng: np.random.Generator) -> str:
 
 
 class MovingShapes(torch.utils.data.Dataset):
-    """``num`` clips where item ``i`` depends only on ``(seed, i)``: reproducible across workers and runs."""
+    """``num`` clips where item ``i`` depends only on ``(seed, i)``: reproducible across workers and runs.
+    ``length > frames`` continues each clip's motion to ``length`` frames (see :func:`render`)."""
 
-    def __init__(self, num: int, frames: int = 16, height: int = 32, width: int = 32, seed: int = 0) -> None:
+    def __init__(self, num: int, frames: int = 16, height: int = 32, width: int = 32, seed: int = 0,
+                 length: int | None = None) -> None:
         self.num = _check_int("num", num, 1)
         _check_geometry(frames, height, width)
         self.frames, self.height, self.width = int(frames), int(height), int(width)
+        self.length = _check_int("length", length, self.frames) if length is not None else self.frames
         self.seed = _check_int("seed", seed, 0)
 
     def __len__(self) -> int:
@@ -321,5 +327,5 @@ class MovingShapes(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for MovingShapes of length {self.num}")
         rng = np.random.default_rng([self.seed, int(index)])
         labels = sample_labels(rng)
-        video = render(labels, self.frames, self.height, self.width, rng)
+        video = render(labels, self.frames, self.height, self.width, rng, self.length)
         return {"video": video, "caption": caption(labels, rng), "labels": labels, "key": f"{index:08d}"}
