@@ -341,20 +341,23 @@ def stream_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, t
                   cache: KVCache | None = None, generator: torch.Generator | None = None,
                   grad_steps: list[int] | None = None) -> Tensor:
     """Generate ``noise.shape[2]`` frames chunk by chunk with the KV cache (a fresh one sized for the whole clip
-    when not given); after each chunk its ``x0`` is re-run at ``t = 0`` to write the cache.
+    when not given); after each chunk its ``x0`` is re-run at ``t = 0`` to write the cache. A fresh cache dies with
+    the call, so the last chunk is not written to it (a forward nobody reads: Self-Forcing training's rollouts).
 
     ``grad_steps[c]`` makes chunk ``c`` stop at that step with gradient (Self-Forcing training); the cache is
     written without gradient from the detached ``x0``.
     """
     B, _, T, H, W = noise.shape
-    if cache is None:
+    fresh = cache is None
+    if fresh:
         cache = model.new_cache(B, H, W, capacity=T, device=noise.device)
-    out, times = [], device_times(times, noise.device)
+    out, times, chunks = [], device_times(times, noise.device), _chunks(T, model.chunk_frames)
     step = lambda x, t: model.denoise(x, t.expand(B), cond, cache=cache)  # noqa: E731
-    for c, frames in enumerate(_chunks(T, model.chunk_frames)):
+    for c, frames in enumerate(chunks):
         x0 = denoise_chunk(step, noise[:, :, frames], times, model.schedule, generator,
                            None if grad_steps is None else grad_steps[c])
-        model.write_cache(x0.detach(), cond, cache)
+        if not fresh or c < len(chunks) - 1:
+            model.write_cache(x0.detach(), cond, cache)
         out.append(x0)
     return torch.cat(out, dim=2)
 

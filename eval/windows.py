@@ -87,7 +87,7 @@ def evaluate_causal(generator: StreamingGenerator, probe: Probe, encoder: TextEn
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="tiny", help="teacher model directory or 'tiny'")
-    parser.add_argument("--teacher-steps", type=int, default=50)
+    parser.add_argument("--teacher-steps", type=int, default=50, help="0 skips the teacher row")
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--bidirectional", help="a bidirectional few-step student directory (first window only)")
     parser.add_argument("--causal", action="append", default=[], metavar="NAME=DIR",
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(f"{'real':14s} window {row['window']}  accuracy={row['accuracy']:.3f}  fvd_probe={row['fvd_probe']:.3f}")
     baselines = [("teacher", "flow", args.teacher_steps,
-                  load_sampler(args.teacher, device, args.guidance, args.teacher_steps))]
+                  load_sampler(args.teacher, device, args.guidance, args.teacher_steps))] if args.teacher_steps else []
     if args.bidirectional:
         trained = trained_method(args.bidirectional)
         baselines.append(("bidirectional", trained["method"], len(trained["timesteps"]),

@@ -65,6 +65,20 @@ def test_streaming_equals_masked_whole_clip(model, request):
     torch.testing.assert_close(streamed, masked, atol=1e-5, rtol=1e-5)
 
 
+def test_a_fresh_cache_is_not_written_after_the_last_chunk(causal, monkeypatch):
+    """Self-Forcing's rollouts stream into a cache of their own: writing their last chunk would be a wasted forward."""
+    writes = []
+    write = CausalWanDenoiser.write_cache
+    monkeypatch.setattr(CausalWanDenoiser, "write_cache", lambda *args: writes.append(write(*args)))
+    noise, cond = torch.randn(1, 3, 6, 16, 16), _cond(1)
+    with torch.no_grad():
+        stream_sample(causal, noise, cond, TIMES[:2])
+        assert len(writes) == 2
+        cache = causal.new_cache(1, 16, 16, capacity=6)
+        stream_sample(causal, noise, cond, TIMES[:2], cache=cache)  # a caller's cache goes on streaming
+    assert len(writes) == 5 and cache.seen == 6
+
+
 @pytest.mark.parametrize("sinks, window", [(0, [2, 3, 4, 5]), (2, [0, 1, 4, 5])])
 def test_rolled_window_sees_training_positions(sinks, window):
     """After the window rolls, a chunk sees the cached frames (sinks first) at cache-relative RoPE positions
