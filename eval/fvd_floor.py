@@ -11,8 +11,7 @@ import argparse
 
 import torch
 
-from distill.data.synthetic import MovingShapes
-from eval.probe import REFERENCE_SEED, Probe, attribute_accuracy, fvd_probe, reference_features
+from eval.probe import REFERENCE_SEED, Probe, attribute_accuracy, fvd_probe, real_videos, reference_features
 from eval.results import write_results
 
 
@@ -31,9 +30,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for num in args.num:
         reference = reference_features(probe, num, *shape)
         for seed in range(REFERENCE_SEED + 1, REFERENCE_SEED + 1 + args.seeds):
-            items = [MovingShapes(num, *shape, seed)[i] for i in range(num)]
-            clips = torch.stack([item["video"] for item in items])
-            accuracy = attribute_accuracy(probe.predict(clips), [item["labels"] for item in items])["mean"]
+            clips, labels = real_videos(num, *shape, seed)
+            accuracy = attribute_accuracy(probe.predict(clips), labels)["mean"]
             rows.append({"model": "real", "method": "data", "num_videos": num, "seed": seed,
                          "accuracy": round(accuracy, 4), "fvd_probe": round(fvd_probe(probe, clips, reference), 3)})
             print(f"num={num:4d} seed={seed}  accuracy={accuracy:.4f}  fvd_probe={rows[-1]['fvd_probe']:.3f}")

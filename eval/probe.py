@@ -254,6 +254,15 @@ def fvd_probe(
     return frechet_from_features(_features_of(probe, fake_videos, "fake_videos"), _features_of(probe, real_videos, "real_videos"))
 
 
+def real_videos(num: int, frames: int = 16, height: int = 32, width: int = 32, seed: int = REFERENCE_SEED,
+                length: int | None = None) -> tuple[Tensor, list[dict]]:
+    """``num`` real clips ``MovingShapes(num, frames, height, width, seed, length)`` stacked, with their labels;
+    ``length > frames`` continues each clip's motion (what a perfect streaming generator would make)."""
+    data = MovingShapes(num, frames, height, width, seed, length=length)
+    items = [data[i] for i in range(num)]
+    return torch.stack([item["video"] for item in items]), [item["labels"] for item in items]
+
+
 def reference_features(
     probe: Probe,
     num: int = 1024,

@@ -16,11 +16,10 @@ from torch import Tensor
 
 from distill.causal import stream_sample
 from distill.conditioning import Conditioning
-from distill.data.synthetic import MovingShapes
 from distill.stream import StreamingGenerator, generator_from_model_dir, measure
 from distill.text import TextEncoder
 from eval.evaluate import Sampler, eval_prompts, evaluate, generate, load_sampler, trained_method
-from eval.probe import REFERENCE_SEED, Probe, attribute_accuracy, fvd_probe
+from eval.probe import REFERENCE_SEED, Probe, attribute_accuracy, fvd_probe, real_videos
 from eval.results import write_results
 
 
@@ -33,15 +32,6 @@ def causal_sampler(generator: StreamingGenerator) -> Sampler:
         return stream_sample(model, noise, cond, cfg.timesteps, cache=cache)
 
     return sample
-
-
-def real_long_videos(num: int, frames: int, height: int, width: int, length: int,
-                     seed: int = REFERENCE_SEED) -> tuple[Tensor, list[dict]]:
-    """``num`` real clips of ``frames`` continued to ``length`` frames (the same motion, past the clip), with their
-    labels: what a perfect streaming generator would make. Their first window is ``reference_features``' clips."""
-    data = MovingShapes(num, frames, height, width, seed, length=length)
-    items = [data[i] for i in range(num)]
-    return torch.stack([item["video"] for item in items]), [item["labels"] for item in items]
 
 
 def window_features(probe: Probe, videos: Tensor, frames: int, windows: list[int]) -> dict[int, Tensor]:
@@ -107,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     probe, encoder = Probe.load(device=device), TextEncoder.from_pretrained(device=device)
     shape, length = (args.frames, args.height, args.width), args.frames * (max(args.windows) + 1)
     windows = sorted(set(args.windows) | {0})
-    real = window_features(probe, real_long_videos(args.num, *shape, length)[0], args.frames, windows)
-    videos, labels = real_long_videos(args.num, *shape, length, seed=REFERENCE_SEED + 1)
+    real = window_features(probe, real_videos(args.num, *shape, length=length)[0], args.frames, windows)
+    videos, labels = real_videos(args.num, *shape, REFERENCE_SEED + 1, length)
     rows = [{"model": "real", "method": "data", **row} for row in window_metrics(videos, labels, probe, real,
                                                                                  args.frames, args.windows)]
     for row in rows:
@@ -139,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed); window k = frames "
              f"[{args.frames}k, {args.frames}(k+1)) of one long video per prompt, streamed with the KV window of the "
              f"student's job. fvd_probe: against window k of {args.num} unseen real videos (training-length clips "
-             "whose motion continues past the clip, eval.windows.real_long_videos); fvd_probe_vs_clips: against their "
+             "whose motion continues past the clip, eval.probe.real_videos); fvd_probe_vs_clips: against their "
              "window 0 (real clips). 'real' rows: other real videos of the same kind (the floor of both numbers; the "
              "probe's direction label is the initial heading, so real windows after a wall contact score lower). "
              f"The teacher ({args.teacher_steps} Euler steps, guidance {args.guidance}) and the bidirectional student "
