@@ -276,12 +276,7 @@ def reference_features(
 
     The default seed is used by neither training nor validation, so these are unseen real clips.
     """
-    data = MovingShapes(num, frames, height, width, seed)
-    feats = []
-    for start in range(0, num, batch_size):
-        clips = torch.stack([data[i]["video"] for i in range(start, min(num, start + batch_size))])
-        feats.append(probe.features(clips, batch_size))
-    return torch.cat(feats)
+    return probe.features(real_videos(num, frames, height, width, seed)[0], batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
