@@ -23,8 +23,8 @@ eviction (:class:`KVCache` keeps them pre-RoPE and rotated), an elementwise pass
 
 Speed. Everything in cache mode that depends on how full the window is (key length, positions, the cache's
 bookkeeping) happens in one eager function per layer (:func:`_attend_cache`); the rest of a block sees the same
-shapes at every chunk and every layer, so ``torch.compile``'d blocks (:meth:`CausalWanDenoiser.compile_blocks`)
-share one set of static-shape graphs.
+shapes at every chunk and every layer, so ``torch.compile``'d blocks (:meth:`WanDenoiser.compile_blocks`) share
+one set of static-shape graphs.
 """
 
 from __future__ import annotations
@@ -291,14 +291,6 @@ class CausalWanDenoiser(WanDenoiser):
             self._state.write_only = False
         cache.commit(x0.shape[2])
 
-    def compile_blocks(self, **options) -> None:
-        """``torch.compile`` every transformer block (fusing the norms, modulations and gates around the matrix
-        products, and cutting the launches per step). Shapes are static: in cache mode a block sees one chunk
-        whatever the window holds (the window-dependent attention runs eagerly), so all blocks and all chunks
-        share one set of graphs."""
-        for block in self.transformer.blocks:
-            block.compile(**{"dynamic": False, **options})
-
     def _window_rope(self, cache: KVCache, x: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE tables for window positions ``0 .. capacity + chunk - 1`` at this frame size (built once per cache)."""
         key = (x.shape[3], x.shape[4])
@@ -339,10 +331,11 @@ def _chunks(frames: int, chunk_frames: int) -> list[slice]:
 
 def stream_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, times: list[float],
                   cache: KVCache | None = None, generator: torch.Generator | None = None,
-                  grad_steps: list[int] | None = None) -> Tensor:
-    """Generate ``noise.shape[2]`` frames chunk by chunk with the KV cache (a fresh one sized for the whole clip
-    when not given); after each chunk its ``x0`` is re-run at ``t = 0`` to write the cache. A fresh cache dies with
-    the call, so the last chunk is not written to it (a forward nobody reads: Self-Forcing training's rollouts).
+                  grad_steps: list[int] | None = None, cache_frames: int = 0, sink_frames: int = 0) -> Tensor:
+    """Generate ``noise.shape[2]`` frames chunk by chunk with the KV cache; after each chunk its ``x0`` is re-run at
+    ``t = 0`` to write the cache. Without ``cache``, a fresh one with a window of ``cache_frames`` (0: the whole
+    clip) and ``sink_frames``; it dies with the call, so the last chunk is not written to it (a forward nobody
+    reads: Self-Forcing training's rollouts).
 
     ``grad_steps[c]`` makes chunk ``c`` stop at that step with gradient (Self-Forcing training); the cache is
     written without gradient from the detached ``x0``.
@@ -350,7 +343,7 @@ def stream_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, t
     B, _, T, H, W = noise.shape
     fresh = cache is None
     if fresh:
-        cache = model.new_cache(B, H, W, capacity=T, device=noise.device)
+        cache = model.new_cache(B, H, W, capacity=cache_frames or T, sinks=sink_frames, device=noise.device)
     out, times, chunks = [], device_times(times, noise.device), _chunks(T, model.chunk_frames)
     step = lambda x, t: model.denoise(x, t.expand(B), cond, cache=cache)  # noqa: E731
     for c, frames in enumerate(chunks):
@@ -424,9 +417,15 @@ def make_causal_student(model: WanDenoiser, chunk_frames: int, init: str = "") -
     return CausalWanDenoiser.from_bidirectional(student, chunk_frames)
 
 
+def cache_window(student, data) -> int:
+    """The KV window (frames) a causal student streams with: ``student.cache_frames``, or the training length minus
+    one chunk (the most context any chunk saw in training), at least the sinks and one chunk."""
+    return student.cache_frames or max(data.frames - student.chunk_frames, student.sink_frames + student.chunk_frames)
+
+
 def causal_description(student, data) -> dict:
     """What ``method.json`` records of a causal student (``[student]`` and ``[data]`` of its job), for export."""
     return {"chunk_frames": student.chunk_frames, "train_frames": data.frames, "mode": student.mode,
-            "cache_frames": student.cache_frames or max(data.frames - student.chunk_frames,
-                                                                  student.sink_frames + student.chunk_frames),
-            "sink_frames": student.sink_frames, "latent_size": [data.channels, data.height, data.width]}
+            "cache_frames": cache_window(student, data), "sink_frames": student.sink_frames,
+            "rollout_frames": student.rollout_frames or data.frames,
+            "latent_size": [data.channels, data.height, data.width]}

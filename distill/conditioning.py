@@ -47,6 +47,10 @@ class Conditioning:
         """Select a sub-batch."""
         return self._map(lambda x: x[idx])
 
+    def repeat(self, n: int) -> "Conditioning":
+        """Every sample ``n`` times in a row."""
+        return self._map(lambda x: x.repeat_interleave(n, dim=0))
+
     def masked_text(self, negative: bool = False) -> Tensor:
         """Context with padded positions zeroed (as Wan zero-pads its T5 context)."""
         text, mask = (self.negative_text, self.negative_mask) if negative else (self.text, self.text_mask)
@@ -82,3 +86,13 @@ class Batch:
             if self.latents is None:
                 raise ValueError("a Batch without latents needs its latent shape")
             self.shape = tuple(self.latents.shape)
+
+    def repeat(self, n: int) -> "Batch":
+        """Every sample ``n`` times in a row (several samples of a loss made from one of the batch's)."""
+        if n == 1:
+            return self
+        repeated = lambda items: [item for item in items for _ in range(n)]  # noqa: E731
+        return replace(self, latents=None if self.latents is None else self.latents.repeat_interleave(n, dim=0),
+                       cond=self.cond.repeat(n), captions=repeated(self.captions), labels=repeated(self.labels),
+                       shape=(self.shape[0] * n, *self.shape[1:]),
+                       extra={k: v.repeat_interleave(n, dim=0) for k, v in self.extra.items()})

@@ -96,7 +96,10 @@ class StudentConfig:
     """A causal student (CausVid/Self-Forcing): chunk-causal attention over chunks of ``chunk_frames`` latent
     frames, trained by ``mode`` (DMD) and streamed with a KV window of ``cache_frames`` (0: the training length
     minus one chunk) whose first ``sink_frames`` frames are never evicted. ``init``: a trained model directory
-    to start the causal student from (e.g. the ODE-regression run before causal DMD) instead of the teacher."""
+    to start the causal student from (e.g. the ODE-regression run before causal DMD) instead of the teacher.
+    ``rollout_frames`` (self-forcing): each rollout streams this many frames, a multiple of ``data.frames`` (0: one
+    clip), through the KV window it streams with at inference, and every training-length window of it is a sample
+    of the loss (Self-Forcing++, Cui et al. 2025): the student learns from what a rolled window feeds it."""
 
     causal: bool = False
     chunk_frames: int = 4
@@ -104,6 +107,7 @@ class StudentConfig:
     cache_frames: int = 0
     sink_frames: int = 0
     init: str = ""
+    rollout_frames: int = 0
 
 
 @dataclass
@@ -135,6 +139,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # "stop" or "skip" (the bad micro-batch contributes no gradient)
     device: str = "auto"  # "auto", "cpu", "cuda"
     max_minutes: float = 0.0  # stop cleanly (checkpoint, export) after this wall time; 0 = no limit
+    compile: bool = False  # torch.compile every network's transformer blocks (the first steps compile them)
 
 
 @dataclass
@@ -361,6 +366,13 @@ def _validate_student(job: JobConfig, where: str) -> None:
     if student.cache_frames and student.cache_frames < student.sink_frames + student.chunk_frames:
         raise ConfigError(f"{where}: student.cache_frames = {student.cache_frames} must hold student.sink_frames "
                           f"+ student.chunk_frames = {student.sink_frames + student.chunk_frames}")
+    if student.rollout_frames < 0 or student.rollout_frames % job.data.frames:
+        raise ConfigError(f"{where}: student.rollout_frames = {student.rollout_frames} must be 0 or a multiple of "
+                          f"data.frames = {job.data.frames} (the loss sees whole training-length windows)")
+    if student.rollout_frames > job.data.frames and (student.mode != "self_forcing" or job.method.name != "dmd"
+                                                     or job.method.weights.get("gan", 0.0) > 0):
+        raise ConfigError(f"{where}: student.rollout_frames > data.frames streams self-forcing rollouts for DMD: "
+                          "needs method.name = 'dmd' without a GAN term and student.mode = 'self_forcing'")
     if student.mode == "self_forcing" and job.model.gradient_checkpointing:
         raise ConfigError(f"{where}: student.mode = 'self_forcing' runs the KV cache with gradient, which "
                           "model.gradient_checkpointing cannot recompute; turn one off")

@@ -129,6 +129,10 @@ class Trainer:
                                               config=deepspeed_config(job, role, device))
             self.engines[role] = engine
         self.nets: Networks = {**frozen, **{role: e.module for role, e in self.engines.items()}}
+        if job.train.compile:  # small models are bound by launches, which compiled blocks cut
+            for net in self.nets.values():
+                if hasattr(net, "compile_blocks"):
+                    net.compile_blocks()
         self.ema: dict[str, torch.Tensor] = {}
         if job.train.ema_decay > 0:
             params = dict(self.nets["generator"].named_parameters())

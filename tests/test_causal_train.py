@@ -34,6 +34,12 @@ def test_student_settings_are_validated():
         load_job(JOB, ["method.name='flow'"])
     with pytest.raises(ConfigError, match="would replace it"):
         load_job(JOB, ["attention.pattern='tile'"])
+    with pytest.raises(ConfigError, match="rollout_frames = 6 must be 0 or a multiple of data.frames = 4"):
+        load_job(JOB, ["student.mode='self_forcing'", "student.rollout_frames=6"])
+    with pytest.raises(ConfigError, match="streams self-forcing rollouts for DMD"):
+        load_job(JOB, ["student.rollout_frames=8"])  # diffusion forcing has no rolling window
+    with pytest.raises(ConfigError, match="without a GAN term"):
+        load_job(JOB, ["student.mode='self_forcing'", "student.rollout_frames=8", "method.weights={dmd=1.0, gan=0.1}"])
 
 
 def test_student_init_must_share_the_teachers_coordinate_channels(tmp_path):
@@ -63,7 +69,12 @@ def test_self_forcing_stops_every_chunk_of_a_rollout_at_one_step(monkeypatch):
     from distill.config import StudentConfig
 
     exits = []
-    monkeypatch.setattr(causal_dmd, "stream_sample", lambda *args, grad_steps, **kw: exits.append(grad_steps))
+
+    def record(model, noise, *args, grad_steps, **kwargs):
+        exits.append(grad_steps)
+        return noise
+
+    monkeypatch.setattr(causal_dmd, "stream_sample", record)
     method = causal_dmd.CausalDMDMethod(times=[1.0, 0.9, 0.75, 0.5],
                                         student=StudentConfig(causal=True, chunk_frames=2, mode="self_forcing"))
     batch = Batch(None, Conditioning(torch.randn(2, 5, 384)), ["a", "b"], [{}, {}], shape=(2, 3, 8, 16, 16))
@@ -73,12 +84,48 @@ def test_self_forcing_stops_every_chunk_of_a_rollout_at_one_step(monkeypatch):
     assert {e[0] for e in exits} == {0, 1, 2, 3}  # the shared step is still drawn over the whole step list
 
 
+def test_long_self_forcing_rollouts_give_one_loss_sample_per_window(monkeypatch):
+    """Self-Forcing++ rollouts (``rollout_frames`` = 3 clips): each prompt's rollout streams through the rolling
+    inference window and is split into training-length windows, in the order of the repeated batch's conditions,
+    and every window (the rolled ones too) carries gradient into the student."""
+    import losses.causal_dmd as causal_dmd
+    from distill.conditioning import Batch
+    from distill.config import DataConfig, StudentConfig
+
+    student = CausalWanDenoiser.from_bidirectional(WanDenoiser.load("tiny-random"), chunk_frames=2)
+    windows = []
+    real_stream = causal_dmd.stream_sample
+
+    def stream(model, noise, cond, *args, **kwargs):
+        assert noise.shape[2] == 12 and len(cond) == 2 and kwargs["cache_frames"] == 2
+        video = real_stream(model, noise, cond, *args, **kwargs)
+        windows.append(video.detach().unflatten(2, (3, 4)))
+        return video
+
+    monkeypatch.setattr(causal_dmd, "stream_sample", stream)
+    method = causal_dmd.CausalDMDMethod(times=[1.0, 0.5], data=DataConfig(frames=4, height=16, width=16),
+                                        student=StudentConfig(causal=True, chunk_frames=2, mode="self_forcing",
+                                                              rollout_frames=12))
+    assert method.windows == 3
+    text = torch.randn(2, 5, 384)
+    batch = Batch(None, Conditioning(text), ["a", "b"], [{}, {}], shape=(2, 3, 4, 16, 16)).repeat(3)
+    assert batch.captions == ["a"] * 3 + ["b"] * 3 and torch.equal(batch.cond.text[3:], text[1:].expand(3, -1, -1))
+    x0 = method.sample(student, batch, torch.Generator().manual_seed(0), grad=True)
+    assert x0.shape == (6, 3, 4, 16, 16)
+    assert torch.equal(x0.detach()[4], windows[0][1, :, 1])  # prompt "b", second window
+    x0[2::3].sum().backward()  # the last (rolled) windows alone
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
 @pytest.mark.parametrize("mode", ["diffusion_forcing", "self_forcing"])
 def test_causal_dmd_trains_and_records_the_student(tmp_path, mode):
-    out = train(load_job(JOB, [f"output.dir='{tmp_path}'", f"student.mode='{mode}'"]))
+    rollout = ["student.rollout_frames=8"] if mode == "self_forcing" else []
+    out = train(load_job(JOB, [f"output.dir='{tmp_path}'", f"student.mode='{mode}'", *rollout]))
     method = json.loads((out / "method.json").read_text())
     assert method["causal"] == {"chunk_frames": 2, "train_frames": 4, "mode": mode, "cache_frames": 2,
-                                "sink_frames": 0, "latent_size": [3, 16, 16]}
+                                "sink_frames": 0, "rollout_frames": 8 if rollout else 4,
+                                "latent_size": [3, 16, 16]}
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any("generator/loss" in r for r in log) and any("critic/loss" in r for r in log)
     teacher = build_model(load_job(JOB)).state_dict()

@@ -32,3 +32,19 @@ def test_zero2_bf16_training_on_gpu(tmp_path):
 
     model = WanDenoiser.from_pretrained(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_compiled_self_forcing_with_long_rollouts_trains_on_gpu(tmp_path):
+    """``train.compile`` with the KV-cached student under autograd (its eager cache attention between compiled
+    pieces) and Self-Forcing++ rollouts through the rolling window, in bf16 under ZeRO-2."""
+    causal = Path(__file__).parent / "jobs" / "tiny_causal.toml"
+    job = load_job(causal, [f"output.dir='{tmp_path}'", "train.device='cuda'", "deepspeed.zero_stage=2",
+                            "deepspeed.precision='bf16'", "train.compile=true", "student.mode='self_forcing'",
+                            "student.rollout_frames=12", "train.steps=3"])
+    out = train(job)
+    from teachers.wan import WanDenoiser
+
+    trained, teacher = WanDenoiser.from_pretrained(out), teachers.load("wan", "tiny-random")
+    assert all(torch.isfinite(p).all() for p in trained.parameters())
+    assert any(not torch.equal(a, b.to(a.dtype)) for a, b in zip(trained.state_dict().values(),
+                                                                   teacher.state_dict().values()))
