@@ -4,8 +4,9 @@
 #   jobs/gpu_results.sh students   # 7 method jobs side by side (5.8 minutes of training each)
 #   jobs/gpu_results.sh evaluate   # methods_tiny (all 7) and dmd_tiny (512 prompts each)
 #   jobs/gpu_results.sh one_step   # two longer 1-step DMD runs appended to methods_tiny
-#   jobs/gpu_results.sh causal     # causal DMD (diffusion forcing, self-forcing with long rollouts and without)
-#                                  # from the regression student; causal_tiny
+#   jobs/gpu_results.sh causal     # causal DMD (diffusion forcing, self-forcing with 48-frame rollouts and without)
+#                                  # side by side from the regression student; causal_tiny_ablation
+#   jobs/gpu_results.sh causal_sf  # the self-forcing student alone (48-frame rollouts); causal_tiny
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
 # Benchmarks and the teacher:
 #   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks on one H100, each alone
@@ -51,20 +52,26 @@ case "${1:-}" in
     python -m eval.compare_methods $R/{cd,cd_gan,dmd,dmd_gan}_s*/model "${E[@]}" --out eval/results/methods_tiny.json \
       > $R/logs/eval_methods.log 2>&1 &
     wait ;;
-  causal)  # MIN=6.5: causal DMD side by side from the regression student (ODE pairs and regression first if absent)
+  causal)  # MIN=6.0 NUM=256 TEACHER_STEPS=0: causal DMD side by side from the regression student (ODE pairs and
+           # regression first if absent): diffusion forcing, self-forcing with 48-frame rollouts and plain self-forcing
     if [ ! -d $C/ode/model ]; then
       python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num 512 --student-steps 4 --teacher-steps 48 \
         --guidance 4 --dtype float16 --batch-size 128 > $R/logs/pairs.log 2>&1
       python -m distill.cli train jobs/causal_tiny_ode.toml --set train.max_minutes=2.0 > $R/logs/ode.log 2>&1
     fi
-    T=(--set train.max_minutes=$MIN --set train.checkpoint_every=100000 --set output.resume=${RESUME:-false})
+    T=(--set train.max_minutes=$MIN --set train.checkpoint_every=100000)
     python -m distill.cli train jobs/causal_tiny_df.toml "${T[@]}" > $R/logs/causal_df.log 2>&1 &
     python -m distill.cli train jobs/causal_tiny_sf.toml "${T[@]}" > $R/logs/causal_sf.log 2>&1 &
     python -m distill.cli train jobs/causal_tiny_sf.toml "${T[@]}" --set student.rollout_frames=16 \
       --set "output.dir='$C/sf_clip'" > $R/logs/causal_sf_clip.log 2>&1 &  # plain Self-Forcing, for comparison
     wait
-    python -m eval.windows --teacher tiny --teacher-steps ${TEACHER_STEPS:-50} ${BIDIRECTIONAL:+--bidirectional $R/dmd_s4/model} \
-      --causal dmd_sf=$C/sf/model --causal dmd_sf_clip=$C/sf_clip/model --causal dmd_df=$C/df/model \
+    python -m eval.windows --teacher tiny --teacher-steps ${TEACHER_STEPS:-50} --causal dmd_sf=$C/sf/model \
+      --causal dmd_sf_clip=$C/sf_clip/model --causal dmd_df=$C/df/model --windows 0 1 4 --num $NUM --device cuda \
+      --out eval/results/causal_tiny_ablation.json ;;
+  causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
+    python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN \
+      --set train.checkpoint_every=100000 > $R/logs/causal_sf.log 2>&1
+    python -m eval.windows --teacher tiny --bidirectional $R/dmd_s4/model --causal dmd_sf=$C/sf/model \
       --windows 0 1 4 --num $NUM --device cuda --out eval/results/causal_tiny.json ;;
   bench)
     python eval/bench_attention.py --shapes 480p
@@ -87,5 +94,5 @@ case "${1:-}" in
     python -m eval.prompt_sensitivity --teacher runs/teacher_pos2/model --device cuda --num 32
     python -m distill.cli eval --teacher runs/teacher_pos2/model --steps 50 4 2 1 --num 512 --device cuda \
       --out runs/teacher_pos2_eval.json ;;  # its rows are in eval/results/tiny_teacher.json
-  *) echo "usage: $0 students|evaluate|causal|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
+  *) echo "usage: $0 students|evaluate|one_step|causal|causal_sf|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
 esac
