@@ -199,9 +199,10 @@ _CHOICES = {
     "method.adversarial.loss": ("hinge", "non_saturating"),
     "student.mode": ("diffusion_forcing", "self_forcing"),
 }
-_POSITIVE = ("data.channels", "data.frames", "data.height", "data.width", "data.batch_size", "data.num_samples", "train.steps",
-             "train.grad_accum", "train.checkpoint_every", "train.keep_last", "method.critic_steps", "method.student_steps", "logging.every",
-             "optim.lr", "method.consistency.teacher_steps", "method.consistency.skip")
+_POSITIVE = ("data.channels", "data.frames", "data.height", "data.width", "data.batch_size", "data.num_samples",
+             "train.steps", "train.grad_accum", "train.checkpoint_every", "train.keep_last", "method.critic_steps",
+             "method.student_steps", "logging.every", "optim.lr", "method.consistency.teacher_steps",
+             "method.consistency.skip")
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:

@@ -129,7 +129,7 @@ class Trainer:
                                               config=deepspeed_config(job, role, device))
             self.engines[role] = engine
         self.nets: Networks = {**frozen, **{role: e.module for role, e in self.engines.items()}}
-        if job.train.compile:  # small models are bound by launches, which compiled blocks cut
+        if job.train.compile:  # fused blocks: fewer launches and less GPU time per step
             for net in self.nets.values():
                 if hasattr(net, "compile_blocks"):
                     net.compile_blocks()

@@ -48,7 +48,7 @@ def self_forcing_exits(steps: int, chunks: int, generator: torch.Generator) -> l
 def split_windows(video: Tensor, frames: int) -> Tensor:
     """``[B, C, n * frames, H, W]`` -> ``[B * n, C, frames, H, W]``: each video's windows in a row (the order of
     :meth:`Batch.repeat`)."""
-    B, C, T, H, W = video.shape
+    C, T, H, W = video.shape[1:]
     return video.unflatten(2, (T // frames, frames)).transpose(1, 2).reshape(-1, C, frames, H, W)
 
 

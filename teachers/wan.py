@@ -175,9 +175,11 @@ class WanDenoiser(Denoiser):
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` every transformer block in place (state dict names unchanged): fusing the norms,
-        modulations and gates around the matrix products cuts the launches per forward, what bounds small models.
-        Static shapes: a causal student in cache mode shows a block one chunk whatever its window holds (the
-        window-dependent attention runs eagerly), so all blocks and chunks share one set of graphs."""
+        modulations and gates around the matrix products halves the kernels of a forward and its GPU time (the
+        tiny causal training step on an H200; its host time, which bounds that step, stays: Dynamo's guards take
+        what the launches gave back). Static shapes: a causal student in cache mode shows a block one chunk whatever
+        its window holds (the window-dependent attention runs eagerly), so all blocks and chunks share one set of
+        graphs."""
         for block in self.transformer.blocks:
             block.compile(**{"dynamic": False, **options})
 
