@@ -23,8 +23,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Wan's rotary embedding on ``[B, S, H, D]`` with interleaved channel pairs (tables ``[1, S, 1, D]``), as in
     diffusers' ``WanAttnProcessor``; also the causal students' (distill/causal.py)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+    rotated_half = torch.stack([-x2, x1], dim=-1).flatten(-2)  # (x1, x2) -> (-x2, x1) in every pair
+    return torch.addcmul(x * cos, rotated_half, sin).type_as(x)  # the tables repeat each angle over its pair
 
 
 def block_pattern(spec: AttentionSpec, layout: TileLayout, device: torch.device | str = "cpu") -> Tensor:
