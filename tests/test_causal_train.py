@@ -187,9 +187,23 @@ def test_window_eval_writes_causal_rows(tmp_path):
     # window 0 is compared with the real clips either way; later windows with the real videos' own window
     assert all(r["fvd_probe"] == r["fvd_probe_vs_clips"] for r in real + causal_rows if r["window"] == 0)
     assert real[1]["fvd_probe"] != real[1]["fvd_probe_vs_clips"]
+    assert all(r["shape_speed"] > 0 for r in real) and "shape_speed" in rows[2] and "shape_speed" in causal_rows[1]
     from eval.evaluate import load_sampler  # model directories of causal students sample chunk by chunk
 
     noise = torch.randn(1, 3, 6, 16, 16)
     with torch.no_grad():
         video = load_sampler(causal, torch.device("cpu"), 1.0)(Conditioning(torch.randn(1, 5, 384)), noise)
     assert video.shape == noise.shape
+
+
+def test_shape_speed_follows_the_shape_and_skips_wraps():
+    from eval.windows import shape_speed
+
+    video = torch.full((2, 3, 6, 16, 16), -1.0)
+    for f in range(6):
+        video[0, :, f, 4:8, 2 + f:6 + f] = 1.0  # one pixel a frame to the right
+        video[1, :, f, 4:8, 2:6] = 1.0  # still
+    assert shape_speed(video[:1]) == pytest.approx(1.0) and shape_speed(video[1:]) == 0.0
+    video[0, :, 3] = -1.0
+    video[0, :, 3, 4:8, 12:16] = 1.0  # 8 pixels out and 6 back, as in a wrap: both steps left out
+    assert shape_speed(video[:1], jump=6.0) == pytest.approx((1 + 1 + 1) / 3)
