@@ -37,14 +37,14 @@ def causal_sampler(generator: StreamingGenerator) -> Sampler:
 def shape_speed(videos: Tensor, jump: float = 6.0) -> float:
     """How fast the shapes of tiny-domain videos ``[N, C, T, H, W]`` (one shape on a plain background) move: the
     mean step, in pixels per frame, of the centroid of the pixels away from each frame's median colour, leaving out
-    frames without a shape and steps longer than ``jump`` (a shape wrapping around the frame). Drift that FVD-probe
-    only scores, this names: shapes that slow down."""
+    frames without a shape and steps longer than ``jump`` (a shape wrapping around the frame). FVD-probe scores a
+    window's distance from real video; this names one way of drifting from it: shapes that slow down."""
     v = videos.float().clamp(-1, 1)
     background = v.flatten(3).median(dim=3).values[..., None, None]
     shape = ((v - background).abs().sum(dim=1) > 0.5).float()  # [N, T, H, W]
     mass = shape.sum(dim=(2, 3))
-    rows = torch.arange(v.shape[3], dtype=torch.float32).view(-1, 1)
-    cols = torch.arange(v.shape[4], dtype=torch.float32).view(1, -1)
+    rows = torch.arange(v.shape[3], dtype=torch.float32, device=v.device).view(-1, 1)
+    cols = torch.arange(v.shape[4], dtype=torch.float32, device=v.device).view(1, -1)
     y, x = ((shape * axis).sum(dim=(2, 3)) / mass.clamp_min(1) for axis in (rows, cols))
     steps = torch.hypot(y.diff(dim=1), x.diff(dim=1))
     kept = (mass[:, 1:] > 0) & (mass[:, :-1] > 0) & (steps < jump)
