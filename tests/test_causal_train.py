@@ -144,10 +144,12 @@ def test_ode_pairs_regression_export_and_stream(tmp_path, capsys):
     model = train(load_job(JOB, [f"output.dir='{run}'", "method.name='regression'", "data.kind='ode_pairs'",
                                  f"data.path='{pairs}'"]))
     assert json.loads((model / "method.json").read_text())["method"] == "regression"
-    # DMD with its regression term on the same pairs (DMD's paired loss; the causal student's chunks)
+    # DMD with its regression term on the same pairs (DMD's paired loss; the causal student's chunks), here with
+    # self-forcing rollouts two clips long (each pair is repeated with the windows of its prompt's rollout)
     both = tmp_path / "dmd_regression"
     train(load_job(JOB, [f"output.dir='{both}'", "data.kind='ode_pairs'", f"data.path='{pairs}'",
-                         "method.weights={dmd=1.0, regression=0.5}"]))
+                         "method.weights={dmd=1.0, regression=0.5}", "student.mode='self_forcing'",
+                         "student.rollout_frames=8"]))
     log = [json.loads(line) for line in (both / "log.jsonl").read_text().splitlines()]
     assert all(r["generator/regression"] > 0 for r in log if "generator/regression" in r)
     assert any("generator/regression" in r for r in log)
