@@ -417,15 +417,16 @@ def make_causal_student(model: WanDenoiser, chunk_frames: int, init: str = "") -
     return CausalWanDenoiser.from_bidirectional(student, chunk_frames)
 
 
-def cache_window(student, data) -> int:
-    """The KV window (frames) a causal student streams with: ``student.cache_frames``, or the training length minus
-    one chunk (the most context any chunk saw in training), at least the sinks and one chunk."""
-    return student.cache_frames or max(data.frames - student.chunk_frames, student.sink_frames + student.chunk_frames)
+def cache_window(cache_frames: int, train_frames: int, chunk_frames: int, sink_frames: int) -> int:
+    """The KV window (frames) a causal student streams with: ``cache_frames`` when set, else the training length
+    minus one chunk (the most context any chunk saw in training), at least the sinks and one chunk."""
+    return cache_frames or max(train_frames - chunk_frames, sink_frames + chunk_frames)
 
 
 def causal_description(student, data) -> dict:
     """What ``method.json`` records of a causal student (``[student]`` and ``[data]`` of its job), for export."""
     return {"chunk_frames": student.chunk_frames, "train_frames": data.frames, "mode": student.mode,
-            "cache_frames": cache_window(student, data), "sink_frames": student.sink_frames,
+            "cache_frames": cache_window(student.cache_frames, data.frames, student.chunk_frames, student.sink_frames),
+            "sink_frames": student.sink_frames,
             "rollout_frames": student.rollout_frames or data.frames,
             "latent_size": [data.channels, data.height, data.width]}

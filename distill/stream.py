@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from distill.causal import CausalWanDenoiser, KVCache, denoise_chunk
+from distill.causal import CausalWanDenoiser, KVCache, cache_window, denoise_chunk
 from distill.conditioning import Conditioning
 from distill.schedule import device_times, schedule_from_dict, schedule_to_dict
 from teachers.wan import WanDenoiser
@@ -349,8 +349,8 @@ def generator_from_model_dir(model_dir: str | Path, cache_frames: int = 0, sink_
     config = StreamingConfig(
         transformer={k: v for k, v in model.transformer.config.items() if not k.startswith("_")},
         schedule=schedule_to_dict(model.schedule), timesteps=method["timesteps"], chunk_frames=chunk,
-        cache_frames=cache_frames or causal.get("cache_frames") or max(causal["train_frames"] - chunk,
-                                                                       chunk + sink_frames),
+        cache_frames=cache_window(cache_frames or causal.get("cache_frames", 0), causal["train_frames"], chunk,
+                                  sink_frames),
         latent_size=causal["latent_size"], sink_frames=sink_frames,
         dtype=dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
         text_encoder=text_encoder or {"kind": "minilm", "path": ""}, decoder=decoder or {"kind": "identity"}, fps=fps,

@@ -88,7 +88,8 @@ class CausalDMDMethod(DMDMethod):
                 exits = self_forcing_exits(len(self.times), chunks, generator)
                 video = stream_sample(student, noise, batch.cond.index(slice(None, None, n)), self.times,
                                       generator=generator, grad_steps=exits,
-                                      cache_frames=cache_window(self.student, self.data),
+                                      cache_frames=cache_window(self.student.cache_frames, T, self.chunk_frames,
+                                                                self.student.sink_frames),
                                       sink_frames=self.student.sink_frames)
                 return split_windows(video, T)
             steps = chunk_steps(B, T, self.chunk_frames, len(self.times), generator)
