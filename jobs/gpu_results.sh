@@ -7,6 +7,7 @@
 #   jobs/gpu_results.sh causal     # causal DMD (diffusion forcing, self-forcing with 48-frame rollouts and without)
 #                                  # side by side from the regression student; causal_tiny_ablation
 #   jobs/gpu_results.sh causal_sf  # the self-forcing student alone (48-frame rollouts); causal_tiny
+#   jobs/gpu_results.sh causal_reg # causal DMD with its regression term on ODE pairs; causal_tiny_regression
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
 # Benchmarks and the teacher:
 #   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks on one H100, each alone
@@ -68,6 +69,22 @@ case "${1:-}" in
     python -m eval.windows --teacher tiny --teacher-steps ${TEACHER_STEPS:-50} --causal dmd_sf=$C/sf/model \
       --causal dmd_sf_clip=$C/sf_clip/model --causal dmd_df=$C/df/model --windows 0 1 4 --num $NUM --device cuda \
       --out eval/results/causal_tiny_ablation.json ;;
+  causal_reg)  # MIN=5.0 NUM=256: causal DMD with DMD's regression term on teacher ODE pairs, its guard against the
+               # shapes slowing down (eval.windows shape_speed), side by side; causal_tiny_regression
+    [ -d $C/pairs ] || python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num 1024 --student-steps 4 \
+      --teacher-steps 48 --guidance 4 --dtype float16 --batch-size 128 > $R/logs/pairs.log 2>&1
+    T=(--set "data.kind='ode_pairs'" --set "data.path='$C/pairs'" --set train.max_minutes=$MIN
+       --set train.checkpoint_every=100000)
+    for w in 0.25 1.0; do
+      python -m distill.cli train jobs/causal_tiny_sf.toml "${T[@]}" --set "method.weights={regression=$w}" \
+        --set "output.dir='$C/sf_reg$w'" > $R/logs/causal_sf_reg$w.log 2>&1 &
+    done
+    python -m distill.cli train jobs/causal_tiny_df.toml "${T[@]}" --set "method.weights={regression=0.25}" \
+      --set "output.dir='$C/df_reg0.25'" > $R/logs/causal_df_reg0.25.log 2>&1 &
+    wait
+    python -m eval.windows --teacher tiny --teacher-steps 0 --causal sf_reg0.25=$C/sf_reg0.25/model \
+      --causal sf_reg1=$C/sf_reg1.0/model --causal df_reg0.25=$C/df_reg0.25/model --windows 0 1 4 --num $NUM \
+      --device cuda --out eval/results/causal_tiny_regression.json ;;
   causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
     python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN \
       --set train.checkpoint_every=100000 > $R/logs/causal_sf.log 2>&1
@@ -94,5 +111,5 @@ case "${1:-}" in
     python -m eval.prompt_sensitivity --teacher runs/teacher_pos2/model --device cuda --num 32
     python -m distill.cli eval --teacher runs/teacher_pos2/model --steps 50 4 2 1 --num 512 --device cuda \
       --out runs/teacher_pos2_eval.json ;;  # its rows are in eval/results/tiny_teacher.json
-  *) echo "usage: $0 students|evaluate|one_step|causal|causal_sf|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
+  *) echo "usage: $0 students|evaluate|one_step|causal|causal_sf|causal_reg|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
 esac

@@ -78,7 +78,9 @@ class KernelConfig:
 # tile is read once per query tile) by 64 or 128 keys; the 4-warp 64 x 64 shapes fit two programs per SM, whose
 # softmax and matmuls then overlap, for twice the key/value traffic. Backward: (dkdv, dq) pairs; dq None = atomic.
 # The TMA variants of the best shapes (Hopper bulk tensor copies of the streamed tiles) won the second H200 sweep;
-# the last five backward pairs (deeper pipelines, wider dq tiles around that winner) did not beat it in the third.
+# the five pairs after them (deeper pipelines, wider dq tiles around that winner) did not beat it in the third. The
+# last six are one-warpgroup launches small enough (registers, shared memory) for two programs per SM, whose
+# softmax and matmuls then overlap: Triton waits for each score matmul before its softmax within one program.
 FWD_CANDIDATES = (Launch(128, 128, 8, 2), Launch(128, 128, 8, 3), Launch(128, 64, 8, 2), Launch(128, 64, 8, 3),
                   Launch(128, 64, 8, 4), Launch(64, 64, 4, 2), Launch(64, 64, 4, 3),
                   Launch(128, 128, 8, 2, True), Launch(128, 128, 8, 3, True), Launch(128, 64, 8, 3, True))
@@ -94,7 +96,13 @@ BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (L
                   (Launch(32, 128, 8, 3, True), Launch(128, 128, 8, 2, True)),
                   (Launch(32, 128, 8, 2, True), Launch(128, 64, 8, 3, True)),
                   (Launch(32, 128, 8, 3, True), Launch(128, 64, 8, 2, True)),
-                  (Launch(32, 128, 8, 3, True), Launch(64, 128, 8, 3, True)))
+                  (Launch(32, 128, 8, 3, True), Launch(64, 128, 8, 3, True)),
+                  (Launch(32, 64, 4, 2, True), Launch(128, 64, 8, 3, True)),
+                  (Launch(32, 64, 4, 3, True), Launch(128, 64, 8, 3, True)),
+                  (Launch(32, 64, 4, 3, True), Launch(64, 64, 4, 2, True)),
+                  (Launch(32, 64, 4, 2, True), Launch(64, 32, 4, 3, True)),
+                  (Launch(32, 128, 8, 3, True), Launch(64, 64, 4, 2, True)),
+                  (Launch(32, 128, 8, 3, True), Launch(64, 32, 4, 3, True)))
 # DEFAULT is the sweep's choice on an H200 (eval/results/attention_sweep_h200.json, 480p, 20% density): every
 # kernel streams its tiles by TMA. Forward 128 x 128, 3 stages: 0.87-0.92 of dense SDPA's rate (0.82 without
 # TMA); the two-kernel backward: 0.79-0.81 forward+backward (0.66 without). The atomic-dq backward does 5 matmuls
@@ -260,15 +268,15 @@ def _bwd_dkdv(Q, K, V, DO, Q_TMA, DO_TMA, DK, DV, DQ, DQ_TMA, LSE, DELTA, IDX, C
         pt = tl.exp2(st * qk_scale - lse[None, :])
         dv = _mm(pt.to(do.dtype), do, dv, IEEE)
         dpt = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
-        dst = (pt * (dpt - delta[None, :]) * sm_scale).to(q.dtype)  # scaled here: dk and dq need no pass for it
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)  # unscaled: dk and dq take the scale once, at the end
         dk = _mm(dst, q, dk, IEEE)
         if ATOMIC_DQ:
             dq = _mm(tl.trans(dst), k, tl.zeros([BLOCK_M, D], tl.float32), IEEE)
-            _add_tile(DQ, DQ_TMA, base, start, tile_offsets, stride_n, dq, TMA)
+            _add_tile(DQ, DQ_TMA, base, start, tile_offsets, stride_n, dq * sm_scale, TMA)
         start = _start(idx_row, it + 1, total, BLOCK_M, BLOCK)
         lse = tl.load(LSE + bh * N + start + offs)
         delta = tl.load(DELTA + bh * N + start + offs)
-    tl.store(_ptrs(DK, base, cols, stride_n, D), dk.to(DK.dtype.element_ty))
+    tl.store(_ptrs(DK, base, cols, stride_n, D), (dk * sm_scale).to(DK.dtype.element_ty))
     tl.store(_ptrs(DV, base, cols, stride_n, D), dv.to(DV.dtype.element_ty))
 
 
