@@ -102,7 +102,13 @@ BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (L
                   (Launch(32, 64, 4, 3, True), Launch(64, 64, 4, 2, True)),
                   (Launch(32, 64, 4, 2, True), Launch(64, 32, 4, 3, True)),
                   (Launch(32, 128, 8, 3, True), Launch(64, 64, 4, 2, True)),
-                  (Launch(32, 128, 8, 3, True), Launch(64, 32, 4, 3, True)))
+                  (Launch(32, 128, 8, 3, True), Launch(64, 32, 4, 3, True)),
+                  (Launch(32, 64, 4, 4, True), Launch(128, 64, 8, 3, True)),
+                  (Launch(32, 64, 4, 5, True), Launch(128, 64, 8, 3, True)),
+                  (Launch(16, 64, 4, 4, True), Launch(128, 64, 8, 3, True)),
+                  (Launch(16, 64, 4, 6, True), Launch(128, 64, 8, 3, True)),
+                  (Launch(32, 64, 4, 4, True), Launch(128, 64, 8, 4, True)),
+                  (Launch(32, 64, 4, 3, True), Launch(128, 128, 8, 2, True)))
 # DEFAULT is the sweep's choice on an H200 (eval/results/attention_sweep_h200.json, 480p, 20% density): every
 # kernel streams its tiles by TMA. Forward 128 x 128, 3 stages: 0.87-0.92 of dense SDPA's rate (0.82 without
 # TMA); the two-kernel backward: 0.79-0.81 forward+backward (0.66 without). The atomic-dq backward does 5 matmuls
