@@ -40,13 +40,15 @@ class Launch:
     """One kernel's launch shape: BLOCK_M queries x BLOCK_N keys per step (sub-blocks of the pattern's block),
     warps, and software-pipeline stages of the tile loads (shared memory grows with stages). ``tma``: the tiles
     that a program streams over its kept blocks come by Hopper's bulk tensor copies (TMA) straight into shared
-    memory, where the tensor cores read them, instead of by per-thread loads that need address registers."""
+    memory, where the tensor cores read them, instead of by per-thread loads that need address registers. ``regs``
+    caps registers per thread (0: the compiler's choice): 128 fits two 8-warp programs on an SM."""
 
     block_m: int
     block_n: int
     warps: int
     stages: int
     tma: bool = False
+    regs: int = 0
 
     def fit(self, block: int) -> Launch:
         """The launch for blocks of ``block`` tokens: sub-blocks no larger than a block (powers of two, so they
@@ -56,7 +58,8 @@ class Launch:
         return replace(self, block_m=min(self.block_m, block), block_n=min(self.block_n, block))
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}w{self.warps}s{self.stages}{'tma' if self.tma else ''}"
+        return f"{self.block_m}x{self.block_n}w{self.warps}s{self.stages}{'tma' if self.tma else ''}" + \
+            (f"r{self.regs}" if self.regs else "")
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,12 @@ BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (L
                   (Launch(16, 64, 4, 4, True), Launch(128, 64, 8, 3, True)),
                   (Launch(16, 64, 4, 6, True), Launch(128, 64, 8, 3, True)),
                   (Launch(32, 64, 4, 4, True), Launch(128, 64, 8, 4, True)),
-                  (Launch(32, 64, 4, 3, True), Launch(128, 128, 8, 2, True)))
+                  (Launch(32, 64, 4, 3, True), Launch(128, 128, 8, 2, True)),
+                  (Launch(32, 64, 4, 3, True), Launch(128, 32, 8, 2, True, 128)),
+                  (Launch(32, 64, 4, 3, True), Launch(64, 64, 8, 2, True, 128)),
+                  (Launch(32, 64, 4, 4, True), Launch(128, 32, 8, 2, True, 128)),
+                  (Launch(32, 64, 8, 2, True, 128), Launch(128, 64, 8, 3, True)),
+                  (Launch(32, 64, 8, 2, True, 128), Launch(128, 32, 8, 2, True, 128)))
 # DEFAULT is the sweep's choice on an H200 (eval/results/attention_sweep_h200.json, 480p, 20% density): every
 # kernel streams its tiles by TMA. Forward 128 x 128, 3 stages: 0.87-0.92 of dense SDPA's rate (0.82 without
 # TMA); the two-kernel backward: 0.79-0.81 forward+backward (0.66 without). The atomic-dq backward does 5 matmuls
@@ -344,7 +352,7 @@ def _launch_args(launch: Launch, block: int, *streamed: Tensor) -> dict:
     ieee = streamed[0].dtype == torch.float32
     fitted = (replace(IEEE_LAUNCH, tma=launch.tma) if ieee else launch).fit(block)
     return dict(BLOCK_M=fitted.block_m, BLOCK_N=fitted.block_n, num_warps=fitted.warps, num_stages=fitted.stages,
-                TMA=fitted.tma and all(_tma_ready(x) for x in streamed))
+                TMA=fitted.tma and all(_tma_ready(x) for x in streamed), **({"maxnreg": fitted.regs} if fitted.regs else {}))
 
 
 def _tma_ready(x: Tensor) -> bool:
