@@ -40,15 +40,13 @@ class Launch:
     """One kernel's launch shape: BLOCK_M queries x BLOCK_N keys per step (sub-blocks of the pattern's block),
     warps, and software-pipeline stages of the tile loads (shared memory grows with stages). ``tma``: the tiles
     that a program streams over its kept blocks come by Hopper's bulk tensor copies (TMA) straight into shared
-    memory, where the tensor cores read them, instead of by per-thread loads that need address registers. ``regs``
-    caps registers per thread (0: the compiler's choice): 128 fits two 8-warp programs on an SM."""
+    memory, where the tensor cores read them, instead of by per-thread loads that need address registers."""
 
     block_m: int
     block_n: int
     warps: int
     stages: int
     tma: bool = False
-    regs: int = 0
 
     def fit(self, block: int) -> Launch:
         """The launch for blocks of ``block`` tokens: sub-blocks no larger than a block (powers of two, so they
@@ -58,8 +56,7 @@ class Launch:
         return replace(self, block_m=min(self.block_m, block), block_n=min(self.block_n, block))
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}w{self.warps}s{self.stages}{'tma' if self.tma else ''}" + \
-            (f"r{self.regs}" if self.regs else "")
+        return f"{self.block_m}x{self.block_n}w{self.warps}s{self.stages}{'tma' if self.tma else ''}"
 
 
 @dataclass(frozen=True)
@@ -82,8 +79,9 @@ class KernelConfig:
 # softmax and matmuls then overlap, for twice the key/value traffic. Backward: (dkdv, dq) pairs; dq None = atomic.
 # The TMA variants of the best shapes (Hopper bulk tensor copies of the streamed tiles) won the second H200 sweep;
 # the five pairs after them (deeper pipelines, wider dq tiles around that winner) did not beat it in the third. The
-# last six are one-warpgroup launches small enough (registers, shared memory) for two programs per SM, whose
-# softmax and matmuls then overlap: Triton waits for each score matmul before its softmax within one program.
+# last twelve use one-warpgroup launches small enough (registers, shared memory) for two programs per SM, whose
+# softmax and matmuls then overlap (within one program Triton waits for each score matmul before its softmax):
+# dk/dv over 64 keys won the fourth, fifth and sixth sweeps.
 FWD_CANDIDATES = (Launch(128, 128, 8, 2), Launch(128, 128, 8, 3), Launch(128, 64, 8, 2), Launch(128, 64, 8, 3),
                   Launch(128, 64, 8, 4), Launch(64, 64, 4, 2), Launch(64, 64, 4, 3),
                   Launch(128, 128, 8, 2, True), Launch(128, 128, 8, 3, True), Launch(128, 64, 8, 3, True))
@@ -111,18 +109,15 @@ BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (L
                   (Launch(16, 64, 4, 4, True), Launch(128, 64, 8, 3, True)),
                   (Launch(16, 64, 4, 6, True), Launch(128, 64, 8, 3, True)),
                   (Launch(32, 64, 4, 4, True), Launch(128, 64, 8, 4, True)),
-                  (Launch(32, 64, 4, 3, True), Launch(128, 128, 8, 2, True)),
-                  (Launch(32, 64, 4, 3, True), Launch(128, 32, 8, 2, True, 128)),
-                  (Launch(32, 64, 4, 3, True), Launch(64, 64, 8, 2, True, 128)),
-                  (Launch(32, 64, 4, 4, True), Launch(128, 32, 8, 2, True, 128)),
-                  (Launch(32, 64, 8, 2, True, 128), Launch(128, 64, 8, 3, True)),
-                  (Launch(32, 64, 8, 2, True, 128), Launch(128, 32, 8, 2, True, 128)))
+                  (Launch(32, 64, 4, 3, True), Launch(128, 128, 8, 2, True)))
 # DEFAULT is the sweep's choice on an H200 (eval/results/attention_sweep_h200.json, 480p, 20% density): every
 # kernel streams its tiles by TMA. Forward 128 x 128, 3 stages: 0.87-0.92 of dense SDPA's rate (0.82 without
-# TMA); the two-kernel backward: 0.79-0.81 forward+backward (0.66 without). The atomic-dq backward does 5 matmuls
-# per kept pair instead of 7, yet ran at most 0.57 (0.55 adding dq by bulk TMA reductions): the adds cost more
-# than the recomputation.
-DEFAULT = KernelConfig(fwd=Launch(128, 128, 8, 3, True), dkdv=Launch(32, 128, 8, 3, True),
+# TMA). Backward: dk/dv by one-warpgroup programs of 64 keys, two per SM, and the 8-warp dq kernel: 0.83-0.84
+# forward+backward (0.79-0.81 with one 8-warp dk/dv program of 128 keys per SM; 0.66 without TMA). Capping 8-warp
+# launches at 128 registers to fit two per SM lost (0.49-0.81, the sixth sweep). The atomic-dq backward does 5
+# matmuls per kept pair instead of 7, yet ran at most 0.58 (0.55 adding dq by bulk TMA reductions): the adds cost
+# more than the recomputation.
+DEFAULT = KernelConfig(fwd=Launch(128, 128, 8, 3, True), dkdv=Launch(32, 64, 4, 3, True),
                        dq=Launch(128, 64, 8, 3, True))
 # float32 inputs are the exact reference path (tests), not a speed path: one small launch whose tiles fit shared
 # memory at any head dim, for every kernel (with or without TMA, as the launch it stands in for)
@@ -352,7 +347,7 @@ def _launch_args(launch: Launch, block: int, *streamed: Tensor) -> dict:
     ieee = streamed[0].dtype == torch.float32
     fitted = (replace(IEEE_LAUNCH, tma=launch.tma) if ieee else launch).fit(block)
     return dict(BLOCK_M=fitted.block_m, BLOCK_N=fitted.block_n, num_warps=fitted.warps, num_stages=fitted.stages,
-                TMA=fitted.tma and all(_tma_ready(x) for x in streamed), **({"maxnreg": fitted.regs} if fitted.regs else {}))
+                TMA=fitted.tma and all(_tma_ready(x) for x in streamed))
 
 
 def _tma_ready(x: Tensor) -> bool:
