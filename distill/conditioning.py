@@ -96,3 +96,13 @@ class Batch:
                        cond=self.cond.repeat(n), captions=repeated(self.captions), labels=repeated(self.labels),
                        shape=(self.shape[0] * n, *self.shape[1:]),
                        extra={k: v.repeat_interleave(n, dim=0) for k, v in self.extra.items()})
+
+    def first_of(self, n: int) -> "Batch":
+        """The first of every ``n`` samples in a row: the batch that :meth:`repeat` (``n``) was made from."""
+        if n == 1:
+            return self
+        pick = slice(None, None, n)
+        return replace(self, latents=None if self.latents is None else self.latents[pick], cond=self.cond.index(pick),
+                       captions=self.captions[pick], labels=self.labels[pick],
+                       shape=(-(-self.shape[0] // n), *self.shape[1:]),
+                       extra={k: v[pick] for k, v in self.extra.items()})

@@ -86,7 +86,7 @@ class CausalDMDMethod(DMDMethod):
             if self.student.mode == "self_forcing":
                 chunks = -(-shape[2] // self.chunk_frames)
                 exits = self_forcing_exits(len(self.times), chunks, generator)
-                video = stream_sample(student, noise, batch.cond.index(slice(None, None, n)), self.times,
+                video = stream_sample(student, noise, batch.first_of(n).cond, self.times,
                                       generator=generator, grad_steps=exits,
                                       cache_frames=cache_window(self.student.cache_frames, T, self.chunk_frames,
                                                                 self.student.sink_frames),

@@ -75,6 +75,7 @@ class DMDMethod:
         return {"method": "dmd", "timesteps": self.times, "guidance": self.guidance}
 
     chunk_frames = 0  # frames per chunk of a causal student (losses/causal_dmd.py); 0: bidirectional
+    windows = 1  # copies of each sample in a batch (causal DMD repeats it once per window of a long rollout)
 
     def sample(self, student: Denoiser, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
         """The student's backward-simulated sample ``x0`` (a causal student overrides how it is made)."""
@@ -93,7 +94,8 @@ class DMDMethod:
         loss = self.weights["dmd"] * dmd_loss(x0, real, fake)
         logs = {"real_fake_gap": (real - fake).abs().mean().item()}
         if self.weights.get("regression", 0.0) > 0:  # DMD's regression on teacher ODE pairs (data.kind = ode_pairs)
-            regression = regression_loss(student, batch, self.times, generator, self.chunk_frames)
+            regression = regression_loss(student, batch.first_of(self.windows), self.times, generator,
+                                         self.chunk_frames)  # each ODE pair once
             loss = loss + self.weights["regression"] * regression
             logs["regression"] = regression.item()
         logs["loss"] = loss.item()

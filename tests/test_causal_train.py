@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import losses.dmd
 from distill.causal import CausalWanDenoiser, chunk_steps, forcing_rollout, make_causal_student
 from distill.cli import main
-from distill.conditioning import Conditioning
+from distill.conditioning import Batch, Conditioning
 from distill.config import ConfigError, load_job
 from distill.data.shards import read_shards
 from distill.run import build_model, train
@@ -89,7 +90,6 @@ def test_long_self_forcing_rollouts_give_one_loss_sample_per_window(monkeypatch)
     inference window and is split into training-length windows, in the order of the repeated batch's conditions,
     and every window (the rolled ones too) carries gradient into the student."""
     import losses.causal_dmd as causal_dmd
-    from distill.conditioning import Batch
     from distill.config import DataConfig, StudentConfig
 
     student = CausalWanDenoiser.from_bidirectional(WanDenoiser.load("tiny-random"), chunk_frames=2)
@@ -110,6 +110,8 @@ def test_long_self_forcing_rollouts_give_one_loss_sample_per_window(monkeypatch)
     text = torch.randn(2, 5, 384)
     batch = Batch(None, Conditioning(text), ["a", "b"], [{}, {}], shape=(2, 3, 4, 16, 16)).repeat(3)
     assert batch.captions == ["a"] * 3 + ["b"] * 3 and torch.equal(batch.cond.text[3:], text[1:].expand(3, -1, -1))
+    once = batch.first_of(3)  # undoes the repeat
+    assert once.captions == ["a", "b"] and torch.equal(once.cond.text, text) and once.shape == (2, 3, 4, 16, 16)
     x0 = method.sample(student, batch, torch.Generator().manual_seed(0), grad=True)
     assert x0.shape == (6, 3, 4, 16, 16)
     assert torch.equal(x0.detach()[4], windows[0][1, :, 1])  # prompt "b", second window
@@ -133,7 +135,7 @@ def test_causal_dmd_trains_and_records_the_student(tmp_path, mode):
     assert any(not torch.equal(teacher[k], trained[k]) for k in teacher)
 
 
-def test_ode_pairs_regression_export_and_stream(tmp_path, capsys):
+def test_ode_pairs_regression_export_and_stream(tmp_path, capsys, monkeypatch):
     pairs = tmp_path / "pairs"
     main(["ode-pairs", "--teacher", "tiny-random", "--out", str(pairs), "--num", "4", "--student-steps", "2",
           "--teacher-steps", "4", "--frames", "4", "--height", "16", "--width", "16", "--device", "cpu"])
@@ -145,11 +147,20 @@ def test_ode_pairs_regression_export_and_stream(tmp_path, capsys):
                                  f"data.path='{pairs}'"]))
     assert json.loads((model / "method.json").read_text())["method"] == "regression"
     # DMD with its regression term on the same pairs (DMD's paired loss; the causal student's chunks), here with
-    # self-forcing rollouts two clips long (each pair is repeated with the windows of its prompt's rollout)
+    # self-forcing rollouts two clips long: the DMD term sees every window, the regression term each pair once
+    regressed = []
+    regression_loss = losses.dmd.regression_loss
+
+    def recorded(student, batch, *args):
+        regressed.append(batch.captions)
+        return regression_loss(student, batch, *args)
+
+    monkeypatch.setattr(losses.dmd, "regression_loss", recorded)
     both = tmp_path / "dmd_regression"
     train(load_job(JOB, [f"output.dir='{both}'", "data.kind='ode_pairs'", f"data.path='{pairs}'",
                          "method.weights={dmd=1.0, regression=0.5}", "student.mode='self_forcing'",
                          "student.rollout_frames=8"]))
+    assert regressed and all(len(captions) == 2 for captions in regressed)  # data.batch_size, not 2 windows x 2
     log = [json.loads(line) for line in (both / "log.jsonl").read_text().splitlines()]
     assert all(r["generator/regression"] > 0 for r in log if "generator/regression" in r)
     assert any("generator/regression" in r for r in log)
