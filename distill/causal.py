@@ -279,12 +279,15 @@ class CausalWanDenoiser(WanDenoiser):
             state.cache = state.rope = state.chunk_rope = None
 
     @torch.no_grad()
-    def write_cache(self, x0: Tensor, cond: Conditioning, cache: KVCache) -> None:
-        """Append a finished chunk's keys/values to ``cache``: ``x0`` at ``t = 0``, run only until the last layer
-        has written them (that layer's attention and the prediction are never read)."""
+    def write_cache(self, x0: Tensor, cond: Conditioning, cache: KVCache, noise_level: float = 0.0,
+                    generator: torch.Generator | None = None) -> None:
+        """Append a finished chunk's keys/values to ``cache``: ``x0`` at ``t = 0`` (or re-noised to ``noise_level``
+        with noise from ``generator``, and run at that level), only until the last layer has written them (that
+        layer's attention and the prediction are never read)."""
+        x = context_at(x0, noise_level, self.schedule, generator)
         self._state.write_only = True
         try:
-            self(x0, x0.new_zeros(x0.shape[0]), cond, cache=cache)
+            self(x, x0.new_full((x0.shape[0],), noise_level), cond, cache=cache)
         except _CacheWritten:
             pass
         finally:
@@ -310,6 +313,11 @@ class CausalWanDenoiser(WanDenoiser):
                        self.chunk_frames, heads, head_dim, sinks, device or param.device, dtype or param.dtype)
 
 
+def context_at(x0: Tensor, noise_level: float, schedule: Schedule, generator: torch.Generator | None) -> Tensor:
+    """A finished chunk as later chunks see it: ``x0`` itself, or re-noised to ``noise_level`` (``context_noise``)."""
+    return schedule.add_noise(x0, noise_like(x0, generator), noise_level) if noise_level else x0
+
+
 def denoise_chunk(step: Callable[[Tensor, TimeLike], Tensor], noise: Tensor, times: Sequence[TimeLike],
                   schedule: Schedule, generator: torch.Generator | None = None, grad_step: int | None = None) -> Tensor:
     """A few-step student's sampler on one chunk: ``step(x, t) -> x0`` at each time (floats, or 0-d tensors from
@@ -331,11 +339,12 @@ def _chunks(frames: int, chunk_frames: int) -> list[slice]:
 
 def stream_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, times: list[float],
                   cache: KVCache | None = None, generator: torch.Generator | None = None,
-                  grad_steps: list[int] | None = None, cache_frames: int = 0, sink_frames: int = 0) -> Tensor:
+                  grad_steps: list[int] | None = None, cache_frames: int = 0, sink_frames: int = 0,
+                  context_noise: float = 0.0) -> Tensor:
     """Generate ``noise.shape[2]`` frames chunk by chunk with the KV cache; after each chunk its ``x0`` is re-run at
-    ``t = 0`` to write the cache. Without ``cache``, a fresh one with a window of ``cache_frames`` (0: the whole
-    clip) and ``sink_frames``; it dies with the call, so the last chunk is not written to it (a forward nobody
-    reads: Self-Forcing training's rollouts).
+    ``t = 0`` (or re-noised to ``context_noise``) to write the cache. Without ``cache``, a fresh one with a window
+    of ``cache_frames`` (0: the whole clip) and ``sink_frames``; it dies with the call, so the last chunk is not
+    written to it (a forward nobody reads: Self-Forcing training's rollouts).
 
     ``grad_steps[c]`` makes chunk ``c`` stop at that step with gradient (Self-Forcing training); the cache is
     written without gradient from the detached ``x0``.
@@ -350,28 +359,30 @@ def stream_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, t
         x0 = denoise_chunk(step, noise[:, :, frames], times, model.schedule, generator,
                            None if grad_steps is None else grad_steps[c])
         if not fresh or c < len(chunks) - 1:
-            model.write_cache(x0.detach(), cond, cache)
+            model.write_cache(x0.detach(), cond, cache, context_noise, generator)
         out.append(x0)
     return torch.cat(out, dim=2)
 
 
 def masked_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, times: list[float],
-                  generator: torch.Generator | None = None) -> Tensor:
-    """The same generation as :func:`stream_sample` without a cache: every step runs the whole prefix (clean
-    earlier chunks at ``t = 0``, the current chunk at its time) through the block-masked forward. The reference
-    that streaming must equal; quadratic in the number of chunks."""
+                  generator: torch.Generator | None = None, context_noise: float = 0.0) -> Tensor:
+    """The same generation as :func:`stream_sample` without a cache: every step runs the whole prefix (earlier
+    chunks as the cache holds them, at ``t = context_noise``; the current chunk at its time) through the
+    block-masked forward. The reference that streaming must equal; quadratic in the number of chunks."""
     B, _, T = noise.shape[:3]
     done: list[Tensor] = []
+    context: list[Tensor] = []
     for frames in _chunks(T, model.chunk_frames):
         prefix = sum(x.shape[2] for x in done)
 
         def step(x: Tensor, t: float) -> Tensor:
-            clip = torch.cat([*done, x], dim=2)
-            per_frame = torch.zeros(B, clip.shape[2], device=x.device)
+            clip = torch.cat([*context, x], dim=2)
+            per_frame = torch.full((B, clip.shape[2]), context_noise, device=x.device)
             per_frame[:, prefix:] = t
             return model.denoise(clip, per_frame, cond)[:, :, prefix:]
 
         done.append(denoise_chunk(step, noise[:, :, frames], times, model.schedule, generator))
+        context.append(context_at(done[-1], context_noise, model.schedule, generator))
     return torch.cat(done, dim=2)
 
 
@@ -428,5 +439,5 @@ def causal_description(student, data) -> dict:
     return {"chunk_frames": student.chunk_frames, "train_frames": data.frames, "mode": student.mode,
             "cache_frames": cache_window(student.cache_frames, data.frames, student.chunk_frames, student.sink_frames),
             "sink_frames": student.sink_frames,
-            "rollout_frames": student.rollout_frames or data.frames,
+            "rollout_frames": student.rollout_frames or data.frames, "context_noise": student.context_noise,
             "latent_size": [data.channels, data.height, data.width]}

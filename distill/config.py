@@ -99,7 +99,10 @@ class StudentConfig:
     to start the causal student from (e.g. the ODE-regression run before causal DMD) instead of the teacher.
     ``rollout_frames`` (self-forcing): each rollout streams this many frames, a multiple of ``data.frames`` (0: one
     clip), through the KV window it streams with at inference, and every training-length window of it is a sample
-    of the loss (Self-Forcing++, Cui et al. 2025): the student learns from what a rolled window feeds it."""
+    of the loss (Self-Forcing++, Cui et al. 2025): the student learns from what a rolled window feeds it.
+    ``context_noise``: the noise level at which finished chunks are written to the KV cache (0: clean, as CausVid
+    and Self-Forcing); above 0 the cache holds re-noised chunks, so that a chunk's small errors are not copied into
+    the next one and compound (the self-forcing rollouts and the exported generator write it the same way)."""
 
     causal: bool = False
     chunk_frames: int = 4
@@ -108,6 +111,7 @@ class StudentConfig:
     sink_frames: int = 0
     init: str = ""
     rollout_frames: int = 0
+    context_noise: float = 0.0
 
 
 @dataclass
@@ -367,6 +371,8 @@ def _validate_student(job: JobConfig, where: str) -> None:
     if student.cache_frames and student.cache_frames < student.sink_frames + student.chunk_frames:
         raise ConfigError(f"{where}: student.cache_frames = {student.cache_frames} must hold student.sink_frames "
                           f"+ student.chunk_frames = {student.sink_frames + student.chunk_frames}")
+    if not 0.0 <= student.context_noise < 1.0:
+        raise ConfigError(f"{where}: student.context_noise = {student.context_noise} must be a noise level in [0, 1)")
     if student.rollout_frames < 0 or student.rollout_frames % job.data.frames:
         raise ConfigError(f"{where}: student.rollout_frames = {student.rollout_frames} must be 0 or a multiple of "
                           f"data.frames = {job.data.frames} (the loss sees whole training-length windows)")

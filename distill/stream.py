@@ -58,6 +58,7 @@ class StreamingConfig:
     decoder: dict[str, str] = field(default_factory=lambda: {"kind": "identity"})
     fps: float = 8.0
     coordinate_frames: int = 0
+    context_noise: float = 0.0  # the noise level of the cache writes (StudentConfig.context_noise)
 
     def __post_init__(self) -> None:
         if self.architecture != "WanTransformer3DModel":
@@ -69,6 +70,8 @@ class StreamingConfig:
         if self.cache_frames < self.sink_frames + self.chunk_frames:
             raise ValueError(f"{CONFIG}: cache_frames ({self.cache_frames}) must hold sink_frames ({self.sink_frames}) "
                              f"plus one chunk ({self.chunk_frames})")
+        if not 0.0 <= self.context_noise < 1.0:
+            raise ValueError(f"{CONFIG}: context_noise ({self.context_noise}) must be a noise level in [0, 1)")
         if len(self.latent_size) != 3:
             raise ValueError(f"{CONFIG}: latent_size must be [channels, height, width], got {self.latent_size}")
 
@@ -291,7 +294,7 @@ class StreamingGenerator:
             x0 = denoise_chunk(step, noise, times, model.schedule, generator)
             yield x0
             if c + 1 < num_chunks:
-                model.write_cache(x0, cond, cache)
+                model.write_cache(x0, cond, cache, cfg.context_noise, generator)
 
     def _frames(self, x0: Tensor) -> Tensor:
         """A chunk's decoded ``uint8`` frames, queued on the current stream."""
@@ -354,7 +357,7 @@ def generator_from_model_dir(model_dir: str | Path, cache_frames: int = 0, sink_
         latent_size=causal["latent_size"], sink_frames=sink_frames,
         dtype=dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
         text_encoder=text_encoder or {"kind": "minilm", "path": ""}, decoder=decoder or {"kind": "identity"}, fps=fps,
-        coordinate_frames=model.coordinate_frames)
+        coordinate_frames=model.coordinate_frames, context_noise=causal.get("context_noise", 0.0))
     return StreamingGenerator(CausalWanDenoiser.from_bidirectional(model.to(device), chunk), config)
 
 

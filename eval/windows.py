@@ -29,7 +29,7 @@ def causal_sampler(generator: StreamingGenerator) -> Sampler:
 
     def sample(cond: Conditioning, noise: Tensor) -> Tensor:
         cache = model.new_cache(noise.shape[0], noise.shape[3], noise.shape[4], cfg.cache_frames, cfg.sink_frames)
-        return stream_sample(model, noise, cond, cfg.timesteps, cache=cache)
+        return stream_sample(model, noise, cond, cfg.timesteps, cache=cache, context_noise=cfg.context_noise)
 
     return sample
 

@@ -90,7 +90,7 @@ class CausalDMDMethod(DMDMethod):
                                       generator=generator, grad_steps=exits,
                                       cache_frames=cache_window(self.student.cache_frames, T, self.chunk_frames,
                                                                 self.student.sink_frames),
-                                      sink_frames=self.student.sink_frames)
+                                      sink_frames=self.student.sink_frames, context_noise=self.student.context_noise)
                 return split_windows(video, T)
             steps = chunk_steps(B, T, self.chunk_frames, len(self.times), generator)
             x_t, t = forcing_rollout(student, noise, batch.cond, self.times, steps, generator)

@@ -52,17 +52,23 @@ def test_mask_mode_is_causal_and_differs_from_bidirectional(causal):
     assert (bidirectional[:, :, :4] - y2[:, :, :4]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("model", ["causal", "causal_coords"])
-def test_streaming_equals_masked_whole_clip(model, request):
+@pytest.mark.parametrize("model,context_noise", [("causal", 0.0), ("causal_coords", 0.0), ("causal", 0.3)])
+def test_streaming_equals_masked_whole_clip(model, context_noise, request):
     """Chunk by chunk with the KV cache (a chunk's RoPE and frame-coordinate positions at its place in the window)
-    as over the whole clip with the block mask."""
+    as over the whole clip with the block mask; with ``context_noise`` the cache holds re-noised chunks, as the
+    masked forward sees them."""
     causal = request.getfixturevalue(model)
     noise, cond = torch.randn(2, 3, 6, 16, 16, generator=torch.Generator().manual_seed(1)), _cond()
     with torch.no_grad():
-        streamed = stream_sample(causal, noise, cond, TIMES, generator=torch.Generator().manual_seed(2))
-        masked = masked_sample(causal, noise, cond, TIMES, generator=torch.Generator().manual_seed(2))
+        streamed = stream_sample(causal, noise, cond, TIMES, generator=torch.Generator().manual_seed(2),
+                                 context_noise=context_noise)
+        masked = masked_sample(causal, noise, cond, TIMES, generator=torch.Generator().manual_seed(2),
+                               context_noise=context_noise)
+        clean = stream_sample(causal, noise, cond, TIMES, generator=torch.Generator().manual_seed(2))
     assert streamed.shape == noise.shape
     torch.testing.assert_close(streamed, masked, atol=1e-5, rtol=1e-5)
+    assert torch.equal(streamed[:, :, :2], clean[:, :, :2])  # the first chunk has no context
+    assert (streamed[:, :, 2:] - clean[:, :, 2:]).abs().max() > 1e-3 or not context_noise
 
 
 def test_a_fresh_cache_is_not_written_after_the_last_chunk(causal, monkeypatch):
@@ -112,20 +118,23 @@ def test_rolling_window_memory_is_flat(causal):
     assert [b.data_ptr() for b in (cache.k, cache.k_rot, cache.v)] == pointers and cache.nbytes() == size
 
 
-def _trained_dir(tmp_path, dtype=torch.float32, model=None):
+def _trained_dir(tmp_path, dtype=torch.float32, model=None, context_noise=None):
     model = model or WanDenoiser.load("tiny-random")
     out = model.save_pretrained(tmp_path / "model", dtype=dtype)
-    method = {"method": "dmd", "timesteps": TIMES, "causal": {"chunk_frames": 2, "train_frames": 6,
-                                                              "latent_size": [3, 16, 16]}}
+    causal = {"chunk_frames": 2, "train_frames": 6, "latent_size": [3, 16, 16]}
+    if context_noise is not None:
+        causal["context_noise"] = context_noise
+    method = {"method": "dmd", "timesteps": TIMES, "causal": causal}
     (out / "method.json").write_text(json.dumps(method))
     return out
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_export_load_roundtrip_is_bitwise(tmp_path, dtype):
-    out = export_streaming(_trained_dir(tmp_path), tmp_path / "gen", dtype=dtype, sink_frames=0)
+    out = export_streaming(_trained_dir(tmp_path, context_noise=0.1), tmp_path / "gen", dtype=dtype, sink_frames=0)
     config = StreamingConfig.read(out)
     assert config.cache_frames == 4 and config.chunk_frames == 2 and config.dtype == dtype
+    assert config.context_noise == 0.1  # the student's cache writes, as it was trained
     generator = StreamingGenerator.from_pretrained(out, load_text_encoder=False)
     again = generator.save_pretrained(tmp_path / "again")
     first, second = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))

@@ -29,6 +29,8 @@ def test_student_settings_are_validated():
         load_job(JOB, ["student.mode='teacher_forcing'"])
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         load_job(JOB, ["student.mode='self_forcing'", "model.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="context_noise"):
+        load_job(JOB, ["student.context_noise=1.0"])
     with pytest.raises(ConfigError, match="data.kind = 'ode_pairs'"):
         load_job(JOB, ["method.name='regression'"])
     with pytest.raises(ConfigError, match="works with method.name"):
@@ -98,6 +100,7 @@ def test_long_self_forcing_rollouts_give_one_loss_sample_per_window(monkeypatch)
 
     def stream(model, noise, cond, *args, **kwargs):
         assert noise.shape[2] == 12 and len(cond) == 2 and kwargs["cache_frames"] == 2
+        assert kwargs["context_noise"] == 0.1  # the rollout writes its cache as the exported generator will
         video = real_stream(model, noise, cond, *args, **kwargs)
         windows.append(video.detach().unflatten(2, (3, 4)))
         return video
@@ -105,7 +108,7 @@ def test_long_self_forcing_rollouts_give_one_loss_sample_per_window(monkeypatch)
     monkeypatch.setattr(causal_dmd, "stream_sample", stream)
     method = causal_dmd.CausalDMDMethod(times=[1.0, 0.5], data=DataConfig(frames=4, height=16, width=16),
                                         student=StudentConfig(causal=True, chunk_frames=2, mode="self_forcing",
-                                                              rollout_frames=12))
+                                                              rollout_frames=12, context_noise=0.1))
     assert method.windows == 3
     text = torch.randn(2, 5, 384)
     batch = Batch(None, Conditioning(text), ["a", "b"], [{}, {}], shape=(2, 3, 4, 16, 16)).repeat(3)
@@ -122,12 +125,12 @@ def test_long_self_forcing_rollouts_give_one_loss_sample_per_window(monkeypatch)
 
 @pytest.mark.parametrize("mode", ["diffusion_forcing", "self_forcing"])
 def test_causal_dmd_trains_and_records_the_student(tmp_path, mode):
-    rollout = ["student.rollout_frames=8"] if mode == "self_forcing" else []
+    rollout = ["student.rollout_frames=8", "student.context_noise=0.1"] if mode == "self_forcing" else []
     out = train(load_job(JOB, [f"output.dir='{tmp_path}'", f"student.mode='{mode}'", *rollout]))
     method = json.loads((out / "method.json").read_text())
     assert method["causal"] == {"chunk_frames": 2, "train_frames": 4, "mode": mode, "cache_frames": 2,
                                 "sink_frames": 0, "rollout_frames": 8 if rollout else 4,
-                                "latent_size": [3, 16, 16]}
+                                "context_noise": 0.1 if rollout else 0.0, "latent_size": [3, 16, 16]}
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any("generator/loss" in r for r in log) and any("critic/loss" in r for r in log)
     teacher = build_model(load_job(JOB)).state_dict()

@@ -12,11 +12,12 @@ from distill.stream import StreamingConfig, StreamingGenerator, WanVAEDecoder
 from teachers.wan import WanDenoiser
 
 
-def _generator(times, cache_frames=4, source="tiny-random", size=16, decoder=None, device="cpu"):
+def _generator(times, cache_frames=4, source="tiny-random", size=16, decoder=None, device="cpu", context_noise=0.0):
     model = CausalWanDenoiser.from_bidirectional(WanDenoiser.load(source).to(device), chunk_frames=2)
     config = StreamingConfig(transformer=dict(model.config), schedule=schedule_to_dict(model.schedule),
                              timesteps=times, chunk_frames=2, cache_frames=cache_frames,
-                             latent_size=[model.latent_channels, size, size], text_encoder={"kind": "none"})
+                             latent_size=[model.latent_channels, size, size], text_encoder={"kind": "none"},
+                             context_noise=context_noise)
     return StreamingGenerator(model, config, decoder=decoder)
 
 
@@ -34,6 +35,19 @@ def test_generator_chunks_equal_masked_whole_clip_and_precede_their_write():
     with torch.no_grad():
         masked = masked_sample(generator.model, noise, cond, [1.0])
     torch.testing.assert_close(torch.cat(chunks, dim=2), masked, atol=1e-5, rtol=1e-5)
+
+
+def test_generator_writes_its_cache_at_its_context_noise():
+    """The exported ``context_noise`` reaches the cache writes: the first chunk (no context) is unchanged, the
+    next ones see re-noised context."""
+    cond = Conditioning(torch.randn(1, 5, 384))
+    clean, noisy = (list(_generator([1.0, 0.5], context_noise=level).stream_embeddings(lambda c: cond, 3, seed=7,
+                                                                                      decode=False))
+                    for level in (0.0, 0.3))
+    assert torch.equal(clean[0], noisy[0])
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(clean[1:], noisy[1:]))
+    with pytest.raises(ValueError, match="context_noise"):
+        _generator([1.0], context_noise=1.0)
 
 
 def test_compiled_blocks_equal_eager_without_recompiling():
