@@ -34,21 +34,40 @@ def causal_sampler(generator: StreamingGenerator) -> Sampler:
     return sample
 
 
-def shape_speed(videos: Tensor, jump: float = 6.0) -> float:
-    """How fast the shapes of tiny-domain videos ``[N, C, T, H, W]`` (one shape on a plain background) move: the
-    mean step, in pixels per frame, of the centroid of the pixels away from each frame's median colour, leaving out
-    frames without a shape and steps longer than ``jump`` (a shape wrapping around the frame). FVD-probe scores a
-    window's distance from real video; this names one way of drifting from it: shapes that slow down."""
+def _shape_and_deviation(videos: Tensor) -> tuple[Tensor, Tensor]:
+    """Tiny-domain videos ``[N, C, T, H, W]`` (one shape on a plain background): each pixel's distance from its
+    frame's median colour (summed over channels) and the shape mask (pixels far from it), both ``[N, T, H, W]``."""
     v = videos.float().clamp(-1, 1)
-    background = v.flatten(3).median(dim=3).values[..., None, None]
-    shape = ((v - background).abs().sum(dim=1) > 0.5).float()  # [N, T, H, W]
+    deviation = (v - v.flatten(3).median(dim=3).values[..., None, None]).abs().sum(dim=1)
+    return (deviation > 0.5).float(), deviation
+
+
+def shape_speed(videos: Tensor, jump: float = 6.0) -> float:
+    """How fast the shapes of tiny-domain videos ``[N, C, T, H, W]`` move: the mean step, in pixels per frame, of
+    the centroid of the shape's pixels, leaving out frames without a shape and steps longer than ``jump`` (a shape
+    wrapping around the frame). FVD-probe scores a window's distance from real video; this names one way of
+    drifting from it: shapes that slow down."""
+    shape, _ = _shape_and_deviation(videos)
     mass = shape.sum(dim=(2, 3))
-    rows = torch.arange(v.shape[3], dtype=torch.float32, device=v.device).view(-1, 1)
-    cols = torch.arange(v.shape[4], dtype=torch.float32, device=v.device).view(1, -1)
+    rows = torch.arange(videos.shape[3], dtype=torch.float32, device=videos.device).view(-1, 1)
+    cols = torch.arange(videos.shape[4], dtype=torch.float32, device=videos.device).view(1, -1)
     y, x = ((shape * axis).sum(dim=(2, 3)) / mass.clamp_min(1) for axis in (rows, cols))
     steps = torch.hypot(y.diff(dim=1), x.diff(dim=1))
     kept = (mass[:, 1:] > 0) & (mass[:, :-1] > 0) & (steps < jump)
     return steps[kept].mean().item() if kept.any() else float("nan")
+
+
+def grain(videos: Tensor) -> float:
+    """How far the background of tiny-domain videos ``[N, C, T, H, W]`` strays from a plain colour: the mean distance
+    of non-shape pixels from their frame's median colour (summed over channels; real videos: about 0). The other way
+    of drifting: noise that a chunk copies from its context into the next and that compounds."""
+    shape, deviation = _shape_and_deviation(videos)
+    return ((deviation * (1 - shape)).sum() / (1 - shape).sum().clamp_min(1)).item()
+
+
+def drift_measures(videos: Tensor) -> dict[str, float]:
+    """:func:`shape_speed` and :func:`grain` of a window, as its row records them."""
+    return {"shape_speed": round(shape_speed(videos), 3), "grain": round(grain(videos), 4)}
 
 
 def window_features(probe: Probe, videos: Tensor, frames: int, windows: list[int]) -> dict[int, Tensor]:
@@ -70,7 +89,7 @@ def window_metrics(videos: Tensor, labels: list[dict], probe: Probe, real: dict[
                      "accuracy_per_attribute": {a: round(v, 4) for a, v in accuracy.items() if a != "mean"},
                      "fvd_probe": round(fvd_probe(probe, features, real[k]), 3),
                      "fvd_probe_vs_clips": round(fvd_probe(probe, features, real[0]), 3),
-                     "shape_speed": round(shape_speed(clip), 3)})
+                     **drift_measures(clip)})
     return rows
 
 
@@ -121,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                                  args.frames, args.windows)]
     for row in rows:
         print(f"{'real':14s} window {row['window']}  accuracy={row['accuracy']:.3f}  fvd_probe={row['fvd_probe']:.3f}  "
-              f"shape_speed={row['shape_speed']:.2f}")
+              f"shape_speed={row['shape_speed']:.2f}  grain={row['grain']:.3f}")
     baselines = [("teacher", "flow", args.teacher_steps,
                   load_sampler(args.teacher, device, args.guidance, args.teacher_steps))] if args.teacher_steps else []
     if args.bidirectional:
@@ -130,10 +149,10 @@ def main(argv: list[str] | None = None) -> None:
                           load_sampler(args.bidirectional, device, args.guidance)))
     for model, method, steps, sampler in baselines:
         result = evaluate(sampler, probe, encoder, args.num, device, *shape, args.batch_size, real_features=real[0])
-        speed = round(shape_speed(result.pop("videos")), 3)
-        rows.append({"model": model, "method": method, "steps": steps, "window": 0, **result, "shape_speed": speed})
+        drift = drift_measures(result.pop("videos"))
+        rows.append({"model": model, "method": method, "steps": steps, "window": 0, **result, **drift})
         print(f"{model:14s} window 0  accuracy={result['accuracy']:.3f}  fvd_probe={result['fvd_probe']:.3f}  "
-              f"shape_speed={speed:.2f}")
+              f"shape_speed={drift['shape_speed']:.2f}  grain={drift['grain']:.3f}")
     for spec in args.causal:
         name, _, path = spec.partition("=")
         if not path:
@@ -144,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                                    args.batch_size, real, args.speed_chunks):
             rows.append({"model": name, "method": method["method"], "mode": method["causal"]["mode"], **row})
             print(f"{name:14s} window {row['window']}  accuracy={row['accuracy']:.3f}  "
-                  f"fvd_probe={row['fvd_probe']:.3f}  shape_speed={row['shape_speed']:.2f}  "
+                  f"fvd_probe={row['fvd_probe']:.3f}  shape_speed={row['shape_speed']:.2f}  grain={row['grain']:.3f}  "
                   f"first_chunk={row['first_chunk_latency_s']:.4f}s  "
                   f"fps={row['fps']:.1f}")
     notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed); window k = frames "
@@ -153,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
              "whose motion continues past the clip, eval.probe.real_videos); fvd_probe_vs_clips: against their "
              "window 0 (real clips). 'real' rows: other real videos of the same kind (the floor of both numbers; the "
              "probe's direction label is the initial heading, so real windows after a wall contact score lower). "
-             "shape_speed: the shapes' mean centroid step in pixels per frame (eval.windows.shape_speed). "
+             "shape_speed: the shapes' mean centroid step in pixels per frame (eval.windows.shape_speed); grain: "
+             "the background pixels' mean distance from their frame's median colour (eval.windows.grain). "
              f"The teacher ({args.teacher_steps} Euler steps, guidance {args.guidance}) and the bidirectional student "
              "generate one training-length clip (window 0 only). first_chunk_latency_s and fps: batch 1, identity "
              "decoder (pixel space), after a warm-up stream; fps counts chunks after the first. sec_per_video: the "

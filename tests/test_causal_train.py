@@ -2,6 +2,7 @@
 ODE pairs, exports a streaming generator and streams it into a file."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,7 @@ def test_window_eval_writes_causal_rows(tmp_path):
     assert all(r["fvd_probe"] == r["fvd_probe_vs_clips"] for r in real + causal_rows if r["window"] == 0)
     assert real[1]["fvd_probe"] != real[1]["fvd_probe_vs_clips"]
     assert all(r["shape_speed"] > 0 for r in real) and "shape_speed" in rows[2] and "shape_speed" in causal_rows[1]
+    assert all(r["grain"] < 0.05 for r in real) and "grain" in rows[2] and causal_rows[1]["grain"] > 0
     from eval.evaluate import load_sampler  # model directories of causal students sample chunk by chunk
 
     noise = torch.randn(1, 3, 6, 16, 16)
@@ -223,3 +225,13 @@ def test_shape_speed_follows_the_shape_and_skips_wraps():
     video[0, :, 3] = -1.0
     video[0, :, 3, 4:8, 12:16] = 1.0  # 8 pixels out and 6 back, as in a wrap: both steps left out
     assert shape_speed(video[:1], jump=6.0) == pytest.approx((1 + 1 + 1) / 3)
+
+
+def test_grain_measures_the_background_noise_and_not_the_shape():
+    from eval.windows import grain
+
+    video = torch.zeros(2, 3, 4, 32, 32)
+    video[:, :, :, 4:12, 4:12] = 1.0  # a shape on a plain background
+    assert grain(video) == 0.0
+    noisy = video + 0.05 * torch.randn(video.shape, generator=torch.Generator().manual_seed(0))
+    assert grain(noisy) == pytest.approx(3 * 0.05 * (2 / math.pi) ** 0.5, rel=0.1)  # E|noise| on 3 channels
