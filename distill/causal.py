@@ -8,7 +8,8 @@ weights run two ways, chosen per call by :class:`CausalWanDenoiser`:
   masked SDPA elsewhere). Per-chunk times ``[B, T]`` give diffusion forcing.
 - **cache mode**: one chunk per forward. Each layer's self-attention reads the keys/values of earlier chunks
   from a :class:`KVCache`; after a chunk is denoised, its clean ``x0`` is run once more at ``t = 0``
-  (:meth:`CausalWanDenoiser.write_cache`) to put its keys/values in the cache (as both papers do).
+  (:meth:`CausalWanDenoiser.write_cache`) to put its keys/values in the cache (as both papers do), or re-noised to
+  a small level (``context_noise``) so that the next chunks do not copy its residual noise.
 
 Positions (Wan's 3-D RoPE). Keys are cached *before* RoPE, and RoPE is applied at attention time with
 positions inside the cache window: cached frames sit at ``0 .. n-1`` in cache order and the current chunk at

@@ -100,9 +100,10 @@ class StudentConfig:
     ``rollout_frames`` (self-forcing): each rollout streams this many frames, a multiple of ``data.frames`` (0: one
     clip), through the KV window it streams with at inference, and every training-length window of it is a sample
     of the loss (Self-Forcing++, Cui et al. 2025): the student learns from what a rolled window feeds it.
-    ``context_noise``: the noise level at which finished chunks are written to the KV cache (0: clean, as CausVid
-    and Self-Forcing); above 0 the cache holds re-noised chunks, so that a chunk's small errors are not copied into
-    the next one and compound (the self-forcing rollouts and the exported generator write it the same way)."""
+    ``context_noise``: the noise level at which finished chunks are written to the KV cache (0: clean, the default
+    of CausVid and of Self-Forcing, whose code has the same option); above 0 the cache holds re-noised chunks, so
+    that a chunk's small errors are not copied into the next one and compound (the self-forcing rollouts and the
+    exported generator write it the same way)."""
 
     causal: bool = False
     chunk_frames: int = 4
