@@ -70,6 +70,13 @@ def drift_measures(videos: Tensor) -> dict[str, float]:
     return {"shape_speed": round(shape_speed(videos), 3), "grain": round(grain(videos), 4)}
 
 
+def report(name: str, row: dict) -> None:
+    """One printed line per results row (its streaming speed where it has one)."""
+    speed = f"  first_chunk={row['first_chunk_latency_s']:.4f}s  fps={row['fps']:.1f}" if "fps" in row else ""
+    print(f"{name:14s} window {row['window']}  accuracy={row['accuracy']:.3f}  fvd_probe={row['fvd_probe']:.3f}  "
+          f"shape_speed={row['shape_speed']:.2f}  grain={row['grain']:.3f}{speed}")
+
+
 def window_features(probe: Probe, videos: Tensor, frames: int, windows: list[int]) -> dict[int, Tensor]:
     """Probe features of frames ``[k * frames, (k + 1) * frames)`` of ``videos``, per window ``k``."""
     return {k: probe.features(videos[:, :, k * frames:(k + 1) * frames]) for k in windows}
@@ -139,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"model": "real", "method": "data", **row} for row in window_metrics(videos, labels, probe, real,
                                                                                  args.frames, args.windows)]
     for row in rows:
-        print(f"{'real':14s} window {row['window']}  accuracy={row['accuracy']:.3f}  fvd_probe={row['fvd_probe']:.3f}  "
-              f"shape_speed={row['shape_speed']:.2f}  grain={row['grain']:.3f}")
+        report("real", row)
     baselines = [("teacher", "flow", args.teacher_steps,
                   load_sampler(args.teacher, device, args.guidance, args.teacher_steps))] if args.teacher_steps else []
     if args.bidirectional:
@@ -151,8 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(sampler, probe, encoder, args.num, device, *shape, args.batch_size, real_features=real[0])
         drift = drift_measures(result.pop("videos"))
         rows.append({"model": model, "method": method, "steps": steps, "window": 0, **result, **drift})
-        print(f"{model:14s} window 0  accuracy={result['accuracy']:.3f}  fvd_probe={result['fvd_probe']:.3f}  "
-              f"shape_speed={drift['shape_speed']:.2f}  grain={drift['grain']:.3f}")
+        report(model, rows[-1])
     for spec in args.causal:
         name, _, path = spec.partition("=")
         if not path:
@@ -162,10 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in evaluate_causal(generator, probe, encoder, args.num, device, *shape, args.windows,
                                    args.batch_size, real, args.speed_chunks):
             rows.append({"model": name, "method": method["method"], "mode": method["causal"]["mode"], **row})
-            print(f"{name:14s} window {row['window']}  accuracy={row['accuracy']:.3f}  "
-                  f"fvd_probe={row['fvd_probe']:.3f}  shape_speed={row['shape_speed']:.2f}  grain={row['grain']:.3f}  "
-                  f"first_chunk={row['first_chunk_latency_s']:.4f}s  "
-                  f"fps={row['fps']:.1f}")
+            report(name, row)
     notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed); window k = frames "
              f"[{args.frames}k, {args.frames}(k+1)) of one long video per prompt, streamed with the KV window of the "
              f"student's job. fvd_probe: against window k of {args.num} unseen real videos (training-length clips "

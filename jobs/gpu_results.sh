@@ -18,6 +18,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 R=runs/methods; C=runs/causal_tiny; MIN=${MIN:-5.8}; NUM=${NUM:-512}
 mkdir -p $R/logs
+ode_pairs() {  # N: the teacher's ODE pairs for the causal students' regression, unless they exist
+  [ -d $C/pairs ] || python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num $1 --student-steps 4 \
+    --teacher-steps 48 --guidance 4 --dtype float16 --batch-size 128 > $R/logs/pairs.log 2>&1
+}
 train() {  # NAME JOB [--set ...]: one job in the background, stopped by train.max_minutes
   local name=$1 job=$2; shift 2
   python -m distill.cli train "$job" --set "output.dir='$R/$name'" --set train.steps=100000 \
@@ -56,8 +60,7 @@ case "${1:-}" in
   causal)  # MIN=6.0 NUM=256 TEACHER_STEPS=0: causal DMD side by side from the regression student (ODE pairs and
            # regression first if absent): diffusion forcing, self-forcing with 48-frame rollouts and plain self-forcing
     if [ ! -d $C/ode/model ]; then
-      python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num 512 --student-steps 4 --teacher-steps 48 \
-        --guidance 4 --dtype float16 --batch-size 128 > $R/logs/pairs.log 2>&1
+      ode_pairs 512
       python -m distill.cli train jobs/causal_tiny_ode.toml --set train.max_minutes=2.0 > $R/logs/ode.log 2>&1
     fi
     T=(--set train.max_minutes=$MIN --set train.checkpoint_every=100000)
@@ -71,8 +74,7 @@ case "${1:-}" in
       --out eval/results/causal_tiny_ablation.json ;;
   causal_reg)  # MIN=5.0 NUM=256: causal DMD with DMD's regression term on teacher ODE pairs, its guard against the
                # shapes slowing down (eval.windows shape_speed), side by side; causal_tiny_regression
-    [ -d $C/pairs ] || python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num 1024 --student-steps 4 \
-      --teacher-steps 48 --guidance 4 --dtype float16 --batch-size 128 > $R/logs/pairs.log 2>&1
+    ode_pairs 1024
     T=(--set "data.kind='ode_pairs'" --set "data.path='$C/pairs'" --set train.max_minutes=$MIN
        --set train.checkpoint_every=100000)
     for w in 0.25 1.0; do
