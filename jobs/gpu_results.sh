@@ -8,6 +8,7 @@
 #                                  # side by side from the regression student; causal_tiny_ablation
 #   jobs/gpu_results.sh causal_sf  # the self-forcing student alone (48-frame rollouts); causal_tiny
 #   jobs/gpu_results.sh causal_reg # causal DMD with its regression term on ODE pairs; causal_tiny_regression
+#   jobs/gpu_results.sh causal_noise # self-forcing with the regression term, context noise 0 / 0.1 / 0.2; causal_tiny_noise
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
 # Benchmarks and the teacher:
 #   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks on one H100, each alone
@@ -87,6 +88,17 @@ case "${1:-}" in
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal sf_reg0.25=$C/sf_reg0.25/model \
       --causal sf_reg1=$C/sf_reg1.0/model --causal df_reg0.25=$C/df_reg0.25/model --windows 0 1 4 --num $NUM \
       --device cuda --out eval/results/causal_tiny_regression.json ;;
+  causal_noise)  # MIN=5.0 NUM=256: self-forcing with the regression term (weight 1), finished chunks written to the
+                 # KV cache re-noised to student.context_noise 0 / 0.1 / 0.2, side by side; causal_tiny_noise
+    ode_pairs 1024
+    for n in 0.0 0.1 0.2; do
+      python -m distill.cli train jobs/causal_tiny_sf.toml --set "data.kind='ode_pairs'" --set "data.path='$C/pairs'" \
+        --set train.max_minutes=$MIN --set train.checkpoint_every=100000 --set "method.weights={regression=1.0}" \
+        --set student.context_noise=$n --set "output.dir='$C/sf_cn$n'" > $R/logs/causal_sf_cn$n.log 2>&1 &
+    done
+    wait
+    python -m eval.windows --teacher tiny --teacher-steps 0 --causal cn0=$C/sf_cn0.0/model --causal cn0.1=$C/sf_cn0.1/model \
+      --causal cn0.2=$C/sf_cn0.2/model --windows 0 1 4 --num $NUM --device cuda --out eval/results/causal_tiny_noise.json ;;
   causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
     python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN \
       --set train.checkpoint_every=100000 > $R/logs/causal_sf.log 2>&1
@@ -113,5 +125,5 @@ case "${1:-}" in
     python -m eval.prompt_sensitivity --teacher runs/teacher_pos2/model --device cuda --num 32
     python -m distill.cli eval --teacher runs/teacher_pos2/model --steps 50 4 2 1 --num 512 --device cuda \
       --out runs/teacher_pos2_eval.json ;;  # its rows are in eval/results/tiny_teacher.json
-  *) echo "usage: $0 students|evaluate|one_step|causal|causal_sf|causal_reg|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
+  *) echo "usage: $0 students|evaluate|one_step|causal|causal_sf|causal_reg|causal_noise|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
 esac
