@@ -9,6 +9,7 @@
 #   jobs/gpu_results.sh causal_sf  # the self-forcing student alone (48-frame rollouts); causal_tiny
 #   jobs/gpu_results.sh causal_reg # causal DMD with its regression term on ODE pairs; causal_tiny_regression
 #   jobs/gpu_results.sh causal_noise # self-forcing with the regression term, context noise 0 / 0.1 / 0.2; causal_tiny_noise
+#   jobs/gpu_results.sh causal_long  # causal_noise's 0.2 student trained on at context noise 0.2 and 0.3; causal_tiny_long
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
 # Benchmarks and the teacher:
 #   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks on one H100, each alone
@@ -99,6 +100,19 @@ case "${1:-}" in
     wait
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal cn0=$C/sf_cn0.0/model --causal cn0.1=$C/sf_cn0.1/model \
       --causal cn0.2=$C/sf_cn0.2/model --windows 0 1 4 --num $NUM --device cuda --out eval/results/causal_tiny_noise.json ;;
+  causal_long)  # MIN=5.8 NUM=256: causal_noise's context-noise-0.2 student trained on (a fresh critic), at context noise
+                # 0.2 and 0.3 side by side; causal_tiny_long
+    ode_pairs 1024
+    for n in 0.2 0.3; do
+      python -m distill.cli train jobs/causal_tiny_sf.toml --set "data.kind='ode_pairs'" --set "data.path='$C/pairs'" \
+        --set train.max_minutes=$MIN --set train.checkpoint_every=100000 --set "method.weights={regression=1.0}" \
+        --set "student.init='$C/sf_cn0.2/model'" --set student.context_noise=$n --set "output.dir='$C/sf_cn${n}_long'" \
+        > $R/logs/causal_sf_cn${n}_long.log 2>&1 &
+    done
+    wait
+    python -m eval.windows --teacher tiny --teacher-steps 0 --causal cn0.2=$C/sf_cn0.2/model \
+      --causal cn0.2_long=$C/sf_cn0.2_long/model --causal cn0.3_long=$C/sf_cn0.3_long/model --windows 0 1 4 --num $NUM \
+      --device cuda --out eval/results/causal_tiny_long.json ;;
   causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
     python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN \
       --set train.checkpoint_every=100000 > $R/logs/causal_sf.log 2>&1
@@ -125,5 +139,5 @@ case "${1:-}" in
     python -m eval.prompt_sensitivity --teacher runs/teacher_pos2/model --device cuda --num 32
     python -m distill.cli eval --teacher runs/teacher_pos2/model --steps 50 4 2 1 --num 512 --device cuda \
       --out runs/teacher_pos2_eval.json ;;  # its rows are in eval/results/tiny_teacher.json
-  *) echo "usage: $0 students|evaluate|one_step|causal|causal_sf|causal_reg|causal_noise|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
+  *) echo "usage: $0 students|evaluate|one_step|causal|causal_sf|causal_reg|causal_noise|causal_long|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
 esac
