@@ -84,7 +84,8 @@ class KernelConfig:
 # dk/dv over 64 keys won the fourth, fifth and sixth sweeps.
 FWD_CANDIDATES = (Launch(128, 128, 8, 2), Launch(128, 128, 8, 3), Launch(128, 64, 8, 2), Launch(128, 64, 8, 3),
                   Launch(128, 64, 8, 4), Launch(64, 64, 4, 2), Launch(64, 64, 4, 3),
-                  Launch(128, 128, 8, 2, True), Launch(128, 128, 8, 3, True), Launch(128, 64, 8, 3, True))
+                  Launch(128, 128, 8, 2, True), Launch(128, 128, 8, 3, True), Launch(128, 64, 8, 3, True),
+                  Launch(64, 64, 4, 2, True), Launch(64, 32, 4, 4, True))  # two programs per SM (82 KB, <= 134 regs)
 BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (Launch(64, 64, 8, 4), None),
                   (Launch(32, 128, 8, 2), None), (Launch(32, 128, 8, 3), None),
                   (Launch(64, 64, 8, 3), Launch(128, 64, 8, 2)), (Launch(64, 64, 8, 2), Launch(128, 64, 8, 3)),
