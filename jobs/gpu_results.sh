@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU runs behind eval/results/*.json, as they were run (calls of at most 10 minutes on one GPU).
+# The GPU runs behind eval/results/*.json, as they were run (calls of at most 10 minutes on one GPU). Each results
+# file names the commit it ran at: the jobs have moved on since (jobs/causal_tiny_sf.toml took the regression term
+# and context noise 0.2 after causal_long; the causal, causal_sf and causal_reg runs were without them).
 # The students of the current teacher (phase 7), on one H200:
 #   jobs/gpu_results.sh students   # 7 method jobs side by side (5.8 minutes of training each)
 #   jobs/gpu_results.sh evaluate   # methods_tiny (all 7) and dmd_tiny (512 prompts each)
@@ -61,8 +63,8 @@ case "${1:-}" in
     wait ;;
   causal)  # MIN=6.0 NUM=256 TEACHER_STEPS=0: causal DMD side by side from the regression student (ODE pairs and
            # regression first if absent): diffusion forcing, self-forcing with 48-frame rollouts and plain self-forcing
+    ode_pairs 512
     if [ ! -d $C/ode/model ]; then
-      ode_pairs 512
       python -m distill.cli train jobs/causal_tiny_ode.toml --set train.max_minutes=2.0 > $R/logs/ode.log 2>&1
     fi
     T=(--set train.max_minutes=$MIN --set train.checkpoint_every=100000)
@@ -90,11 +92,11 @@ case "${1:-}" in
       --causal sf_reg1=$C/sf_reg1.0/model --causal df_reg0.25=$C/df_reg0.25/model --windows 0 1 4 --num $NUM \
       --device cuda --out eval/results/causal_tiny_regression.json ;;
   causal_noise)  # MIN=5.0 NUM=256: self-forcing with the regression term (weight 1), finished chunks written to the
-                 # KV cache re-noised to student.context_noise 0 / 0.1 / 0.2, side by side; causal_tiny_noise
+                 # KV cache re-noised to student.context_noise 0 / 0.1 / 0.2, side by side; causal_tiny_noise (ran
+                 # at 68d6e0d with the term and the pairs set on the command line, as the job file now has them)
     ode_pairs 1024
     for n in 0.0 0.1 0.2; do
-      python -m distill.cli train jobs/causal_tiny_sf.toml --set "data.kind='ode_pairs'" --set "data.path='$C/pairs'" \
-        --set train.max_minutes=$MIN --set train.checkpoint_every=100000 --set "method.weights={regression=1.0}" \
+      python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN --set train.checkpoint_every=100000 \
         --set student.context_noise=$n --set "output.dir='$C/sf_cn$n'" > $R/logs/causal_sf_cn$n.log 2>&1 &
     done
     wait
@@ -104,8 +106,7 @@ case "${1:-}" in
                 # 0.2 and 0.3 side by side; causal_tiny_long
     ode_pairs 1024
     for n in 0.2 0.3; do
-      python -m distill.cli train jobs/causal_tiny_sf.toml --set "data.kind='ode_pairs'" --set "data.path='$C/pairs'" \
-        --set train.max_minutes=$MIN --set train.checkpoint_every=100000 --set "method.weights={regression=1.0}" \
+      python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN --set train.checkpoint_every=100000 \
         --set "student.init='$C/sf_cn0.2/model'" --set student.context_noise=$n --set "output.dir='$C/sf_cn${n}_long'" \
         > $R/logs/causal_sf_cn${n}_long.log 2>&1 &
     done
@@ -114,6 +115,7 @@ case "${1:-}" in
       --causal cn0.2_long=$C/sf_cn0.2_long/model --causal cn0.3_long=$C/sf_cn0.3_long/model --windows 0 1 4 --num $NUM \
       --device cuda --out eval/results/causal_tiny_long.json ;;
   causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
+    ode_pairs 1024
     python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN \
       --set train.checkpoint_every=100000 > $R/logs/causal_sf.log 2>&1
     python -m eval.windows --teacher tiny --bidirectional $R/dmd_s4/model --causal dmd_sf=$C/sf/model \

@@ -1,6 +1,7 @@
 """Consistency distillation, the adversarial term, their combinations through job weights, and the method comparison."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -208,7 +209,8 @@ def test_cd_job_with_lpips_trains(tmp_path):
                  "data.width=32", "data.frames=2", "data.batch_size=1"]
     train(load_job(TESTS / "tiny_cd.toml", overrides))
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
-    assert record["generator/lpips"] >= 0 and record["generator/cd"] > 0
+    # random LPIPS weights (the real ones are non-negative) can give a distance a hair below zero
+    assert math.isfinite(record["generator/lpips"]) and record["generator/cd"] > 0
 
 
 def test_cd_target_follows_the_student_and_a_resumed_run_continues_bitwise(tmp_path):
