@@ -119,7 +119,8 @@ class WanDenoiser(Denoiser):
         if x_t.shape[1] != self.latent_channels or frames % p_t or height % p_h or width % p_w:
             raise ValueError(f"latents {tuple(x_t.shape)} do not fit this Wan model: {self.latent_channels} channels, "
                              f"T/H/W divisible by patch size {tuple(self.config.patch_size)}")
-        dtype = self.transformer.dtype
+        dtype = self.transformer.patch_embedding.weight.dtype  # what the first layer takes; diffusers' `dtype` walks
+        # every module on each call (a tenth of a self-forcing step's host time)
         hidden = x_t
         if self.coordinate_frames:
             hidden = torch.cat([x_t, coordinate_channels(x_t.shape[0], frames, height, width, self.coordinate_frames,
