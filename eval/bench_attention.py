@@ -353,8 +353,8 @@ MODEL_NOTES = ("Model rows (model_size): random weights, text-to-video latents, 
                "(fwdbwd: with gradient checkpointing), speedup against diffusers' own dense processor. Triton rows: "
                "'config' is the kernel's launch config (distill/attention/triton_kernel.py DEFAULT).")
 SWEEP_NOTES = ("Sweep: 'role' fwd candidate = that forward launch with the default backward, timed forward only; "
-               "bwd candidate = that (dkdv, dq) pair with the default forward, timed forward+backward ('dq atomic': dq "
-               "added by the dk/dv kernel with fp32 atomics); chosen = the fastest correct of each, together. "
+               "bwd candidate = that (dkdv, dq) pair with the default forward, timed forward+backward; chosen = the "
+               "fastest correct of each, together. "
                "max_abs_diff / max_rel_diff: largest |kernel - float32 reference| over out, dq, dk, dv (relative: "
                "over the reference's largest magnitude) on fresh random inputs of 2 heads; ok = max_rel_diff < 2e-2.")
 

@@ -64,9 +64,7 @@ from distill.attention.triton_kernel import DEFAULT, KernelConfig, Launch, block
 from tests.test_attention_kernel import compare
 tma = Launch(16, 16, 4, 1, tma=True)
 fwd, dkdv = replace(DEFAULT.fwd, tma=False), replace(DEFAULT.dkdv, tma=False)
-configs = [KernelConfig(fwd, dkdv, Launch(16, 16, 4, 1)),  # a separate dq kernel
-           KernelConfig(fwd, dkdv, None),  # dq by atomics in the dk/dv kernel (by TMA reductions: GPU only, the
-           # interpreter has no bulk reduction)
+configs = [KernelConfig(fwd, dkdv, Launch(16, 16, 4, 1)),
            KernelConfig(tma, tma, tma)]  # streamed tiles by TMA descriptors ([B, N, H, D] memory in the 2nd case)
 for config in configs:
     kernel = partial(block_sparse_attention, config=config)
@@ -87,15 +85,12 @@ def test_triton_kernel_in_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.parametrize("block,dim,shared,padded", [(128, 128, True, True), (64, 128, False, False),
                                                       (64, 64, True, False)])
-@pytest.mark.parametrize("backward", ["two kernels", "atomic dq", "tma", "tma atomic dq"])
+@pytest.mark.parametrize("backward", ["pointer loads", "tma"])
 def test_triton_kernel_bf16_on_gpu(block, dim, shared, padded, backward):
     from distill.attention.triton_kernel import DEFAULT, KernelConfig, Launch, block_sparse_attention
 
-    config = {"two kernels": KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, Launch(128, 64, 8, 2)),
-              "atomic dq": KernelConfig(DEFAULT.fwd, DEFAULT.dkdv, None),
-              "tma": KernelConfig(Launch(128, 128, 8, 3, True), Launch(32, 128, 8, 2, True),
-                                  Launch(128, 64, 8, 2, True)),
-              "tma atomic dq": KernelConfig(Launch(128, 128, 8, 3, True), Launch(32, 128, 8, 2, True), None)}[backward]
+    config = {"pointer loads": KernelConfig(Launch(128, 128, 8, 3), Launch(32, 64, 4, 3), Launch(128, 64, 8, 2)),
+              "tma": DEFAULT}[backward]
     kernel = partial(block_sparse_attention, config=config)
     errors = compare(2, 4, 8, block, dim, shared, padded, device="cuda", dtype=torch.bfloat16, strided=shared,
                      backend=kernel)
@@ -157,20 +152,15 @@ def _hopper_kernels() -> list[tuple]:
     float32 reference launch of each kernel."""
     from distill.attention import triton_kernel as tk
 
-    cases = {(tk._fwd, f, (), "bf16") for f in tk.FWD_CANDIDATES}
+    cases = {(tk._fwd, f, "bf16") for f in tk.FWD_CANDIDATES}
     for dkdv, dq in tk.BWD_CANDIDATES:
-        cases.add((tk._bwd_dkdv, dkdv, (("ATOMIC_DQ", dq is None),), "bf16"))
-        if dq is not None:
-            cases.add((tk._bwd_dq, dq, (), "bf16"))
+        cases |= {(tk._bwd_dkdv, dkdv, "bf16"), (tk._bwd_dq, dq, "bf16")}
     for ieee in (tk.IEEE_LAUNCH, replace(tk.IEEE_LAUNCH, tma=True)):
-        cases |= {(tk._fwd, ieee, (), "fp32"), (tk._bwd_dq, ieee, (), "fp32")}
-        cases |= {(tk._bwd_dkdv, ieee, (("ATOMIC_DQ", atomic),), "fp32") for atomic in (False, True)}
-    return sorted(cases, key=lambda c: (c[0].__name__, str(c[1]), c[2], c[3]))
+        cases |= {(kernel, ieee, "fp32") for kernel in (tk._fwd, tk._bwd_dkdv, tk._bwd_dq)}
+    return sorted(cases, key=lambda c: (c[0].__name__, str(c[1]), c[2]))
 
 
 def _case_id(value) -> str:
-    if isinstance(value, tuple):
-        return "atomic" if dict(value).get("ATOMIC_DQ") else "-"
     return getattr(value, "__name__", str(value))
 
 
@@ -180,8 +170,8 @@ def test_default_config_is_a_candidate():
     assert tk.DEFAULT.fwd in tk.FWD_CANDIDATES and (tk.DEFAULT.dkdv, tk.DEFAULT.dq) in tk.BWD_CANDIDATES
 
 
-@pytest.mark.parametrize("kernel,launch,extra,dtype", _hopper_kernels(), ids=_case_id)
-def test_kernels_compile_for_hopper(kernel, launch, extra, dtype, tmp_path):
+@pytest.mark.parametrize("kernel,launch,dtype", _hopper_kernels(), ids=_case_id)
+def test_kernels_compile_for_hopper(kernel, launch, dtype, tmp_path):
     """Compile (no GPU needed: Triton's bundled ptxas) each candidate launch for sm_90 at D = 128, blocks of 128
     with padding: catches what the interpreter does not (layouts, wgmma operand types, shared memory beyond the
     SM's, spilled registers) and checks that the tile loads are software-pipelined (cp.async) and bf16 dots use
@@ -193,19 +183,16 @@ def test_kernels_compile_for_hopper(kernel, launch, extra, dtype, tmp_path):
 
     from distill.attention.triton_kernel import MAX_SHARED_BYTES
 
-    extra = dict(extra)
-    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i32", "CNT": "*i32", "BIAS": "*fp32",
-                "DQ": "*fp32" if extra.get("ATOMIC_DQ") else f"*{dtype}"}
-    tensors = {"Q", "K", "V", "O", "DO", "DK", "DV"}
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "IDX": "*i32", "CNT": "*i32", "BIAS": "*fp32"}
+    tensors = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
     fn = kernel
     while not isinstance(fn, JITFunction):
         fn = fn.fn
     consts = dict(BLOCK=128, D=128, HAS_PAD=True, IEEE=dtype == "fp32", BLOCK_M=launch.block_m,
-                  BLOCK_N=launch.block_n, **extra)
+                  BLOCK_N=launch.block_n)
     streamed_rows = launch.block_n if fn.__name__ in ("_fwd", "_bwd_dq") else launch.block_m
-    if launch.tma:  # the streamed tiles' descriptors (_streamed); fp32 dq with atomics
+    if launch.tma:  # the streamed tiles' descriptors (_streamed)
         pointers |= {a: f"tensordesc<{dtype}[{streamed_rows}, 128]>" for a in fn.arg_names if a.endswith("_TMA")}
-        pointers["DQ_TMA"] = f"tensordesc<fp32[{launch.block_m}, 128]>" if extra.get("ATOMIC_DQ") else "*fp32"
     consts["TMA"] = launch.tma
     signature = {a: "constexpr" if a in consts else pointers.get(a, f"*{dtype}" if a in tensors or a.endswith("_TMA")
                                                                else "fp32" if "scale" in a else "i32")
@@ -218,7 +205,6 @@ def test_kernels_compile_for_hopper(kernel, launch, extra, dtype, tmp_path):
                               options={"num_warps": launch.warps, "num_stages": launch.stages})
     ptx = compiled.asm["ptx"]
     assert ("cp.async.bulk.tensor" if launch.tma else "cp.async") in ptx  # the streamed tiles are pipelined copies
-    assert ("cp.reduce.async.bulk.tensor" in ptx) == (launch.tma and bool(extra.get("ATOMIC_DQ")))  # dq by TMA
     assert "wgmma.mma_async" in ptx or dtype == "fp32"
     assert compiled.metadata.shared <= MAX_SHARED_BYTES, compiled.metadata.shared
     cubin = tmp_path / "kernel.cubin"

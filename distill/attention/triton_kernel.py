@@ -61,22 +61,20 @@ class Launch:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch shapes of the forward, dk/dv and dq kernels. ``dq=None`` computes dq inside the dk/dv kernel and
-    adds it to an fp32 buffer with atomics: 5 matmuls per kept block pair instead of 7 (the separate dq kernel
-    recomputes QK^T and dO V^T), for atomic traffic and dq's last bits varying from run to run."""
+    """Launch shapes of the forward, dk/dv and dq kernels."""
 
     fwd: Launch
     dkdv: Launch
-    dq: Launch | None
+    dq: Launch
 
     def __str__(self) -> str:
-        return f"fwd {self.fwd} dkdv {self.dkdv} dq {self.dq or 'atomic'}"
+        return f"fwd {self.fwd} dkdv {self.dkdv} dq {self.dq}"
 
 
 # The sweep's space at Wan's shapes (D = 128, tiles of 128 tokens); each compiles for sm_90 within shared memory
 # and without register spills (tests/test_attention_kernel.py). Forward: 128 queries (the whole tile, so a key
 # tile is read once per query tile) by 64 or 128 keys; the 4-warp 64 x 64 shapes fit two programs per SM, whose
-# softmax and matmuls then overlap, for twice the key/value traffic. Backward: (dkdv, dq) pairs; dq None = atomic.
+# softmax and matmuls then overlap, for twice the key/value traffic. Backward: (dkdv, dq) pairs.
 # The TMA variants of the best shapes (Hopper bulk tensor copies of the streamed tiles) won the second H200 sweep;
 # the five pairs after them (deeper pipelines, wider dq tiles around that winner) did not beat it in the third. The
 # last twelve use one-warpgroup launches small enough (registers, shared memory) for two programs per SM, whose
@@ -86,14 +84,11 @@ FWD_CANDIDATES = (Launch(128, 128, 8, 2), Launch(128, 128, 8, 3), Launch(128, 64
                   Launch(128, 64, 8, 4), Launch(64, 64, 4, 2), Launch(64, 64, 4, 3),
                   Launch(128, 128, 8, 2, True), Launch(128, 128, 8, 3, True), Launch(128, 64, 8, 3, True),
                   Launch(64, 64, 4, 2, True), Launch(64, 32, 4, 4, True))  # two per SM (82 KB, <= 134 regs): lost
-BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (Launch(64, 64, 8, 4), None),
-                  (Launch(32, 128, 8, 2), None), (Launch(32, 128, 8, 3), None),
-                  (Launch(64, 64, 8, 3), Launch(128, 64, 8, 2)), (Launch(64, 64, 8, 2), Launch(128, 64, 8, 3)),
+BWD_CANDIDATES = ((Launch(64, 64, 8, 3), Launch(128, 64, 8, 2)), (Launch(64, 64, 8, 2), Launch(128, 64, 8, 3)),
                   (Launch(32, 128, 8, 2), Launch(128, 64, 8, 2)), (Launch(64, 64, 8, 4), Launch(128, 128, 8, 2)),
                   (Launch(32, 128, 8, 2, True), Launch(128, 64, 8, 2, True)),
                   (Launch(32, 128, 8, 3, True), Launch(128, 64, 8, 3, True)),
                   (Launch(64, 64, 8, 3, True), Launch(128, 64, 8, 3, True)),
-                  (Launch(32, 128, 8, 2, True), None), (Launch(64, 64, 8, 3, True), None),
                   (Launch(32, 128, 8, 4, True), Launch(128, 64, 8, 4, True)),
                   (Launch(32, 128, 8, 3, True), Launch(128, 128, 8, 2, True)),
                   (Launch(32, 128, 8, 2, True), Launch(128, 64, 8, 3, True)),
@@ -115,12 +110,13 @@ BWD_CANDIDATES = ((Launch(64, 64, 8, 2), None), (Launch(64, 64, 8, 3), None), (L
 # kernel streams its tiles by TMA. Forward 128 x 128, 3 stages: 0.87-0.92 of dense SDPA's rate (0.82 without
 # TMA). Backward: dk/dv by one-warpgroup programs of 64 keys, two per SM, and the 8-warp dq kernel: 0.83-0.84
 # forward+backward (0.79-0.81 with one 8-warp dk/dv program of 128 keys per SM; 0.66 without TMA). Capping 8-warp
-# launches at 128 registers to fit two per SM lost (0.49-0.81, the sixth sweep). The atomic-dq backward does 5
-# matmuls per kept pair instead of 7, yet ran at most 0.58 (0.55 adding dq by bulk TMA reductions): the adds cost
-# more than the recomputation. The seventh sweep (attention_sweep_h200_seventh.json): the two-per-SM forward launches
-# lost (0.74 and 0.66 against 0.93), and its backward pick, dk/dv with 5 stages, timed 0.845 forward+backward in the
-# benchmark after it (attention_h200_seventh.json), within run-to-run spread (+-1.5%) of the 3-stage launch that won
-# three sweeps before, so DEFAULT keeps that.
+# launches at 128 registers to fit two per SM lost (0.49-0.81, the sixth sweep). A backward adding dq into an fp32
+# buffer with atomics from the dk/dv kernel (5 matmuls per kept pair instead of 7) ran at most 0.58 (0.55 by bulk
+# TMA reductions) in the first six sweeps: the adds cost more than the recomputation, so it was removed. The
+# seventh sweep (attention_sweep_h200_seventh.json): the two-per-SM forward launches lost (0.74 and 0.66 against
+# 0.93), and its backward pick, dk/dv with 5 stages, timed 0.845 forward+backward in the benchmark after it
+# (attention_h200_seventh.json), within run-to-run spread (+-1.5%) of the 3-stage launch that won three sweeps
+# before, so DEFAULT keeps that.
 DEFAULT = KernelConfig(fwd=Launch(128, 128, 8, 3, True), dkdv=Launch(32, 64, 4, 3, True),
                        dq=Launch(128, 64, 8, 3, True))
 # float32 inputs are the exact reference path (tests), not a speed path: one small launch whose tiles fit shared
@@ -175,16 +171,6 @@ def _tile(X, X_TMA, base, start, tile_offsets, stride_n, TMA: tl.constexpr):
     if TMA:
         return X_TMA.load(_tma_coords(base, start, stride_n))
     return tl.load(X + base + start * stride_n + tile_offsets)
-
-
-@triton.jit
-def _add_tile(X, X_TMA, base, start, tile_offsets, stride_n, value, TMA: tl.constexpr):
-    """Atomically add ``value`` to the sub-block that :func:`_tile` reads: one bulk TMA reduction (as
-    FlashAttention-3 accumulates dq), or per-element atomics. Triton's interpreter has no bulk reduction."""
-    if TMA:
-        X_TMA.atomic_add(_tma_coords(base, start, stride_n), value)
-    else:
-        tl.atomic_add(X + base + start * stride_n + tile_offsets, value, sem="relaxed")
 
 
 @triton.jit
@@ -243,24 +229,12 @@ def _fwd(Q, K, V, K_TMA, V_TMA, O, LSE, IDX, CNT, BIAS, qk_scale,
 
 
 @triton.jit
-def _delta(O, DO, DELTA, stride_b, stride_h, stride_n, H, N, D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """rowsum(dO * O), the softmax backward's per-row term."""
-    pid_m = tl.program_id(0)
-    bh, h, base = _head(H, stride_b, stride_h)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = tl.load(_ptrs(O, base, rows, stride_n, D)).to(tl.float32)
-    do = tl.load(_ptrs(DO, base, rows, stride_n, D)).to(tl.float32)
-    tl.store(DELTA + bh * N + rows, tl.sum(o * do, 1))
-
-
-@triton.jit
-def _bwd_dkdv(Q, K, V, DO, Q_TMA, DO_TMA, DK, DV, DQ, DQ_TMA, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
+def _bwd_dkdv(Q, K, V, DO, Q_TMA, DO_TMA, DK, DV, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
               stride_b, stride_h, stride_n, s_ih, s_ik, s_ch,
               H, N,
               BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
-              ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per BLOCK_N keys: loops over the query blocks that keep their tile (transposed index). With
-    ATOMIC_DQ it also adds each step's dq into the fp32 buffer DQ."""
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per BLOCK_N keys: loops over the query blocks that keep their tile (transposed index)."""
     pid_n = tl.program_id(0)
     bh, h, base = _head(H, stride_b, stride_h)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -281,11 +255,8 @@ def _bwd_dkdv(Q, K, V, DO, Q_TMA, DO_TMA, DK, DV, DQ, DQ_TMA, LSE, DELTA, IDX, C
         pt = tl.exp2(st * qk_scale - lse[None, :])
         dv = _mm(pt.to(do.dtype), do, dv, IEEE)
         dpt = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
-        dst = (pt * (dpt - delta[None, :])).to(q.dtype)  # unscaled: dk and dq take the scale once, at the end
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)  # unscaled: dk takes the scale once, at the end
         dk = _mm(dst, q, dk, IEEE)
-        if ATOMIC_DQ:
-            dq = _mm(tl.trans(dst), k, tl.zeros([BLOCK_M, D], tl.float32), IEEE)
-            _add_tile(DQ, DQ_TMA, base, start, tile_offsets, stride_n, dq * sm_scale, TMA)
         start = _start(idx_row, it + 1, total, BLOCK_M, BLOCK)
         lse = tl.load(LSE + bh * N + start + offs)
         delta = tl.load(DELTA + bh * N + start + offs)
@@ -294,12 +265,13 @@ def _bwd_dkdv(Q, K, V, DO, Q_TMA, DO_TMA, DK, DV, DQ, DQ_TMA, LSE, DELTA, IDX, C
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, K_TMA, V_TMA, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
+def _bwd_dq(Q, K, V, O, DO, K_TMA, V_TMA, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale, sm_scale,
             stride_b, stride_h, stride_n, s_ih, s_iq, s_ch,
             H, N,
             BLOCK: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per BLOCK_M queries: loops over their kept key blocks."""
+    """One program per BLOCK_M queries: loops over their kept key blocks. Runs first: it also computes and stores
+    the softmax backward's per-row term rowsum(dO * O) that the dk/dv kernel reads (no separate pass over dO)."""
     pid_m = tl.program_id(0)
     bh, h, base = _head(H, stride_b, stride_h)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -308,7 +280,8 @@ def _bwd_dq(Q, K, V, DO, K_TMA, V_TMA, DQ, LSE, DELTA, IDX, CNT, BIAS, qk_scale,
     q = tl.load(_ptrs(Q, base, rows, stride_n, D))
     do = tl.load(_ptrs(DO, base, rows, stride_n, D))
     lse = tl.load(LSE + bh * N + rows)
-    delta = tl.load(DELTA + bh * N + rows)
+    delta = tl.sum(tl.load(_ptrs(O, base, rows, stride_n, D)).to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * N + rows, delta)
     idx_row, total, start = _walk(IDX, CNT, h, s_ih, s_iq, s_ch, pid_m * BLOCK_M // BLOCK, BLOCK_N, BLOCK)
     bias = _key_bias(BIAS, start, offs, HAS_PAD)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
@@ -403,26 +376,19 @@ class _BlockSparseAttention(torch.autograd.Function):
             grad_out = torch.empty_like(q).copy_(grad_out)
         b, h, n, d = q.shape
         strides = (q.stride(0), q.stride(1), q.stride(2))
-        delta = torch.empty_like(lse)
-        rows = min(64, sparse.block)
-        _delta[(n // rows, b * h)](out, grad_out, delta, *strides, h, n, D=d, BLOCK_M=rows)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        atomic = config.dq is None
-        dq = torch.zeros_like(q, dtype=torch.float32) if atomic else torch.empty_like(q)  # q's strides
-        idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.q_index, q.device)
-        launch = _launch_args(config.dkdv, sparse.block, q, grad_out, dq)
-        streamed = [_streamed(x, launch["BLOCK_M"], launch["TMA"]) for x in (q, grad_out)]
-        dq_target = _streamed(dq, launch["BLOCK_M"], launch["TMA"] and atomic)
-        _bwd_dkdv[(n // launch["BLOCK_N"], b * h)](
-            q, k, v, grad_out, *streamed, dk, dv, dq, dq_target, lse, delta, idx, cnt, ctx.bias, scale * LOG2E,
-            scale, *strides, s_ih, s_iq, s_ch, h, n, **meta, ATOMIC_DQ=atomic, **launch)
-        if atomic:
-            return dq.to(q.dtype), dk, dv, None, None, None
+        delta = torch.empty_like(lse)  # written by the dq kernel, read by the dk/dv kernel
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.kv_index, q.device)
         launch = _launch_args(config.dq, sparse.block, k, v)
         streamed = [_streamed(x, launch["BLOCK_N"], launch["TMA"]) for x in (k, v)]
         _bwd_dq[(n // launch["BLOCK_M"], b * h)](
-            q, k, v, grad_out, *streamed, dq, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
+            q, k, v, out, grad_out, *streamed, dq, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
+            s_ih, s_iq, s_ch, h, n, **meta, **launch)
+        idx, cnt, s_ih, s_iq, s_ch = _index_args(sparse.q_index, q.device)
+        launch = _launch_args(config.dkdv, sparse.block, q, grad_out)
+        streamed = [_streamed(x, launch["BLOCK_M"], launch["TMA"]) for x in (q, grad_out)]
+        _bwd_dkdv[(n // launch["BLOCK_N"], b * h)](
+            q, k, v, grad_out, *streamed, dk, dv, lse, delta, idx, cnt, ctx.bias, scale * LOG2E, scale, *strides,
             s_ih, s_iq, s_ch, h, n, **meta, **launch)
         return dq, dk, dv, None, None, None
 
