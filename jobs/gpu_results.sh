@@ -12,9 +12,11 @@
 #   jobs/gpu_results.sh causal_reg # causal DMD with its regression term on ODE pairs; causal_tiny_regression
 #   jobs/gpu_results.sh causal_noise # self-forcing with the regression term, context noise 0 / 0.1 / 0.2; causal_tiny_noise
 #   jobs/gpu_results.sh causal_long  # causal_noise's 0.2 student trained on at context noise 0.2 and 0.3; causal_tiny_long
+#   jobs/gpu_results.sh causal_ode # on one H100, each job alone: a regression student on 2048 ODE pairs, self-forcing
+#                                  # from it at context noise 0.2, then on at 0.3; causal_tiny_ode
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
 # Benchmarks and the teacher:
-#   jobs/gpu_results.sh bench      # attention (480p), memory and streaming benchmarks on one H100, each alone
+#   jobs/gpu_results.sh bench      # attention (480p, and the Triton sweep), memory and streaming on one H100, each alone
 #   jobs/gpu_results.sh h200       # the Triton sweep, attention at 480p and 720p (20% density), compiled streaming
 #   jobs/gpu_results.sh teacher    # the teacher's phases 6-7 (coordinate channels) and its evaluation (two calls)
 set -euo pipefail
@@ -22,9 +24,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 R=runs/methods; C=runs/causal_tiny; MIN=${MIN:-5.8}; NUM=${NUM:-512}
 mkdir -p $R/logs
-ode_pairs() {  # N: the teacher's ODE pairs for the causal students' regression, unless they exist
+ode_pairs() {  # N [BATCH]: the teacher's ODE pairs for the causal students' regression, unless they exist (each
+              # batch's noise is seeded by its first index, so the batch size is part of the data)
   [ -d $C/pairs ] || python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num $1 --student-steps 4 \
-    --teacher-steps 48 --guidance 4 --dtype float16 --batch-size 128 > $R/logs/pairs.log 2>&1
+    --teacher-steps 48 --guidance 4 --dtype float16 --batch-size ${2:-128} > $R/logs/pairs.log 2>&1
 }
 train() {  # NAME JOB [--set ...]: one job in the background, stopped by train.max_minutes
   local name=$1 job=$2; shift 2
@@ -114,6 +117,19 @@ case "${1:-}" in
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal cn0.2=$C/sf_cn0.2/model \
       --causal cn0.2_long=$C/sf_cn0.2_long/model --causal cn0.3_long=$C/sf_cn0.3_long/model --windows 0 1 4 --num $NUM \
       --device cuda --out eval/results/causal_tiny_long.json ;;
+  causal_ode)  # NUM=256: the regression student on 4x the pairs at twice the batch for twice as long, self-forcing from
+               # it (context noise 0.2, 3.5 min), then on at 0.3 (4.3 min, a fresh critic); causal_tiny_ode (its
+               # regression rows came from a separate run of the same evaluation on that student alone)
+    ode_pairs 2048 256
+    python -m distill.cli train jobs/causal_tiny_ode.toml --set train.checkpoint_every=100000 > $R/logs/ode.log 2>&1
+    S=(--set train.steps=100000 --set train.checkpoint_every=100000)
+    python -m distill.cli train jobs/causal_tiny_sf.toml "${S[@]}" --set train.max_minutes=3.5 > $R/logs/causal_sf.log 2>&1
+    python -m distill.cli train jobs/causal_tiny_sf.toml "${S[@]}" --set train.max_minutes=4.3 \
+      --set "student.init='$C/sf/model'" --set student.context_noise=0.3 --set "output.dir='$C/sf_long'" \
+      > $R/logs/causal_sf_long.log 2>&1
+    python -m eval.windows --teacher tiny --teacher-steps 0 --causal sf_ode2048=$C/sf/model \
+      --causal sf_ode2048_long=$C/sf_long/model --causal regression=$C/ode/model --windows 0 1 4 --num $NUM \
+      --device cuda --out eval/results/causal_tiny_ode.json ;;
   causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
     ode_pairs 1024
     python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN \
@@ -121,7 +137,8 @@ case "${1:-}" in
     python -m eval.windows --teacher tiny --bidirectional $R/dmd_s4/model --causal dmd_sf=$C/sf/model \
       --windows 0 1 4 --num $NUM --device cuda --out eval/results/causal_tiny.json ;;
   bench)
-    python eval/bench_attention.py --shapes 480p
+    python eval/bench_attention.py --shapes 480p --densities 0.2
+    python eval/bench_attention.py --sweep --out eval/results/attention_sweep_h100.json
     python eval/bench_memory.py
     python eval/bench_streaming.py ;;
   h200)
