@@ -14,6 +14,8 @@
 #   jobs/gpu_results.sh causal_long  # causal_noise's 0.2 student trained on at context noise 0.2 and 0.3; causal_tiny_long
 #   jobs/gpu_results.sh causal_ode # on one H100, each job alone: a regression student on 2048 ODE pairs, self-forcing
 #                                  # from it at context noise 0.2, then on at 0.3; causal_tiny_ode
+#   jobs/gpu_results.sh causal_cap; jobs/gpu_results.sh causal_cap_eval  # self-forcing at 0.3 (the job's level since)
+#                                  # with and without capped noise levels on later windows; causal_tiny_cap
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
 # Benchmarks and the teacher:
 #   jobs/gpu_results.sh bench      # attention (480p, and the Triton sweep), memory and streaming on one H100, each alone
@@ -28,6 +30,11 @@ ode_pairs() {  # N [BATCH]: the teacher's ODE pairs for the causal students' reg
               # batch's noise is seeded by its first index, so the batch size is part of the data)
   [ -d $C/pairs ] || python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num $1 --student-steps 4 \
     --teacher-steps 48 --guidance 4 --dtype float16 --batch-size ${2:-128} > $R/logs/pairs.log 2>&1
+}
+causal_init() {  # the regression student of jobs/causal_tiny_ode.toml on 2048 ODE pairs, unless it exists
+  ode_pairs 2048 256
+  [ -d $C/ode/model ] || python -m distill.cli train jobs/causal_tiny_ode.toml --set train.checkpoint_every=100000 \
+    > $R/logs/ode.log 2>&1
 }
 train() {  # NAME JOB [--set ...]: one job in the background, stopped by train.max_minutes
   local name=$1 job=$2; shift 2
@@ -120,8 +127,7 @@ case "${1:-}" in
   causal_ode)  # NUM=256: the regression student on 4x the pairs at twice the batch for twice as long, self-forcing from
                # it (context noise 0.2, 3.5 min), then on at 0.3 (4.3 min, a fresh critic); causal_tiny_ode (its
                # regression rows came from a separate run of the same evaluation on that student alone)
-    ode_pairs 2048 256
-    python -m distill.cli train jobs/causal_tiny_ode.toml --set train.checkpoint_every=100000 > $R/logs/ode.log 2>&1
+    causal_init
     S=(--set train.steps=100000 --set train.checkpoint_every=100000)
     python -m distill.cli train jobs/causal_tiny_sf.toml "${S[@]}" --set train.max_minutes=3.5 > $R/logs/causal_sf.log 2>&1
     python -m distill.cli train jobs/causal_tiny_sf.toml "${S[@]}" --set train.max_minutes=4.3 \
@@ -130,6 +136,26 @@ case "${1:-}" in
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal sf_ode2048=$C/sf/model \
       --causal sf_ode2048_long=$C/sf_long/model --causal regression=$C/ode/model --windows 0 1 4 --num $NUM \
       --device cuda --out eval/results/causal_tiny_ode.json ;;
+  causal_init) causal_init ;;
+  causal_cap)  # MIN=6.5, on one H100 beside `pytest -m gpu`: from causal_init's student, three self-forcing students
+               # side by side at context noise 0.3: the job as is, later windows scored at DMD noise levels <= 0.5, and
+               # that with rollouts five clips long (they reach window 4); causal_tiny_cap
+    causal_init
+    train sf jobs/causal_tiny_sf.toml
+    train sf_cap0.5 jobs/causal_tiny_sf.toml --set student.later_window_t_max=0.5
+    train sf_cap0.5_r80 jobs/causal_tiny_sf.toml --set student.later_window_t_max=0.5 --set student.rollout_frames=80
+    wait ;;
+  causal_cap_eval)  # NUM=256 (the first call; then `causal_cap_on` trains the best of them on and evaluates it)
+    python -m eval.windows --teacher tiny --teacher-steps 0 --causal sf=$R/sf/model --causal sf_cap0.5=$R/sf_cap0.5/model \
+      --causal sf_cap0.5_r80=$R/sf_cap0.5_r80/model --causal regression=$C/ode/model --windows 0 1 4 --num $NUM \
+      --device cuda --out eval/results/causal_tiny_cap.json ;;
+  causal_cap_on)  # NAME MIN=5 NUM=256 [--set ...]: causal_cap's student NAME trained on (resumed: its critic, optimiser
+                  # and EMA too) with the settings it had; causal_tiny_cap_on
+    name=$2; shift 2
+    train $name jobs/causal_tiny_sf.toml --set output.resume=true "$@"
+    wait
+    python -m eval.windows --teacher tiny --teacher-steps 0 --causal ${name}_on=$R/$name/model --windows 0 1 4 \
+      --num $NUM --device cuda --out eval/results/causal_tiny_cap_on.json ;;
   causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
     ode_pairs 1024
     python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN \
