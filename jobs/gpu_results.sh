@@ -26,10 +26,15 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 R=runs/methods; C=runs/causal_tiny; MIN=${MIN:-5.8}; NUM=${NUM:-512}
 mkdir -p $R/logs
-ode_pairs() {  # N [BATCH]: the teacher's ODE pairs for the causal students' regression, unless they exist (each
+ode_pairs() {  # N [BATCH]: the teacher's ODE pairs for the causal students' regression, unless N of them exist (each
               # batch's noise is seeded by its first index, so the batch size is part of the data)
-  [ -d $C/pairs ] || python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num $1 --student-steps 4 \
-    --teacher-steps 48 --guidance 4 --dtype float16 --batch-size ${2:-128} > $R/logs/pairs.log 2>&1
+  if [ -f $C/pairs/index.json ]; then
+    python -c "import json, sys; n = json.load(open('$C/pairs/index.json'))['num_samples']; \
+      sys.exit(0 if n == $1 else '$C/pairs holds %d ODE pairs, this case wants $1: move them aside' % n)"
+  else
+    python -m distill.cli ode-pairs --teacher tiny --out $C/pairs --num $1 --student-steps 4 --teacher-steps 48 \
+      --guidance 4 --dtype float16 --batch-size ${2:-128} > $R/logs/pairs.log 2>&1
+  fi
 }
 causal_init() {  # the regression student of jobs/causal_tiny_ode.toml on 2048 ODE pairs, unless it exists
   ode_pairs 2048 256
