@@ -43,6 +43,7 @@ from distill.attention.backends import flex_attention_for
 from distill.attention.patterns import chunk_causal_tokens
 from distill.attention.processor import apply_rotary
 from distill.conditioning import Conditioning
+from distill.config import cache_window, check_reencode
 from distill.schedule import Schedule, TimeLike, device_times
 from distill.students import make_student, noise_like
 from teachers.wan import WanDenoiser
@@ -86,13 +87,22 @@ class KVCache:
     window positions (``k_rot``, what attention reads). Positions change only when frames are evicted, so the
     window is re-rotated once per chunk after an eviction, not at every step. The buffers are allocated once:
     memory stays flat however many chunks are streamed. Bookkeeping is Python ints: nothing waits on the device.
+
+    ``reencode`` > 0 replaces the rolling window by restarts: once a chunk would not fit, every frame after the
+    sinks is dropped and the last ``reencode`` frames are written again from the window position after the sinks
+    (:meth:`CausalWanDenoiser.forward`), from the inputs their first writes recorded. A rolled key keeps what its
+    first write computed, the positions of the frame coordinate channels and of the features RoPE does not
+    rotate included; re-encoded, the window is again what the opening of a training clip gives (as CausVid
+    recomputes the KV cache of a sliding window). It costs ``reencode / chunk_frames`` writes per restart.
     """
 
     def __init__(self, layers: int, batch: int, tokens_per_frame: int, capacity: int, chunk_frames: int,
-                 heads: int, head_dim: int, sinks: int = 0, device=None, dtype: torch.dtype = torch.float32):
+                 heads: int, head_dim: int, sinks: int = 0, reencode: int = 0, device=None,
+                 dtype: torch.dtype = torch.float32):
         if capacity < sinks + chunk_frames:
             raise ValueError(f"a KV cache window of {capacity} frames must hold its {sinks} sink frames and at least "
                              f"one chunk of {chunk_frames} recent frames")
+        check_reencode(reencode, capacity, chunk_frames, sinks)
         shape = (layers, batch, (capacity + chunk_frames) * tokens_per_frame, heads, head_dim)
         self.k, self.k_rot, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(3))
         self.capacity, self.chunk_frames, self.sinks = capacity, chunk_frames, sinks
@@ -101,6 +111,8 @@ class KVCache:
         self.seen = 0  # frames ever written
         self.rotated = [0] * layers  # per layer: leading frames whose k_rot matches their current positions
         self.rope: tuple | None = None  # ((height, width), (cos, sin)) for window positions, set by the model
+        self.reencode = reencode
+        self.written: list[tuple[Tensor, Tensor, Conditioning]] = []  # the last writes' inputs, for re-encoding
 
     @property
     def layers(self) -> int:
@@ -109,6 +121,26 @@ class KVCache:
     def reset(self) -> None:
         self.frames = self.seen = 0
         self.rotated = [0] * self.layers
+        self.written = []
+
+    def record(self, x: Tensor, t: Tensor, cond: Conditioning) -> None:
+        """Count a new chunk's write, keeping its inputs where re-encoding needs them (the last ``reencode``
+        frames' worth)."""
+        self.seen += x.shape[2]
+        if self.reencode:
+            self.written = (self.written + [(x, t, cond)])[-(self.reencode // self.chunk_frames):]
+
+    def restart(self) -> list[tuple[Tensor, Tensor, Conditioning]]:
+        """Re-encoding: drop every frame after the sinks; returns the writes to make again, oldest first."""
+        replay = self.written
+        self.frames = min(self.frames, self.sinks)
+        self.rotated = [min(r, self.sinks) for r in self.rotated]
+        return replay
+
+    @property
+    def must_restart(self) -> bool:
+        """Whether the next chunk re-encodes the window (it would not fit)."""
+        return bool(self.reencode) and self.frames > self.capacity
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in (self.k, self.k_rot, self.v))
@@ -153,7 +185,6 @@ class KVCache:
     def commit(self, frames: int) -> None:
         self.rotated = [r + frames if r == self.frames else r for r in self.rotated]  # written at their positions
         self.frames += frames
-        self.seen += frames
 
 
 class _CacheWritten(Exception):
@@ -257,6 +288,9 @@ class CausalWanDenoiser(WanDenoiser):
         but does not extend: :meth:`write_cache` does). In cache mode the chunk's frame coordinate (models with
         coordinate channels) starts at its window position, as its RoPE positions do, so that streaming equals the
         whole clip until the window rolls and stays within the trained range after."""
+        if cache is not None and cache.must_restart:
+            for written in cache.restart():
+                self._write(*written, cache)
         state = self._state
         state.frames, state.tokens_per_frame = x_t.shape[2], self._tokens_per_frame(x_t)
         if cache is None:
@@ -279,21 +313,26 @@ class CausalWanDenoiser(WanDenoiser):
         finally:
             state.cache = state.rope = state.chunk_rope = None
 
-    @torch.no_grad()
     def write_cache(self, x0: Tensor, cond: Conditioning, cache: KVCache, noise_level: float = 0.0,
                     generator: torch.Generator | None = None) -> None:
         """Append a finished chunk's keys/values to ``cache``: ``x0`` at ``t = 0`` (or re-noised to ``noise_level``
-        with noise from ``generator``, and run at that level), only until the last layer has written them (that
-        layer's attention and the prediction are never read)."""
-        x = context_at(x0, noise_level, self.schedule, generator)
+        with noise from ``generator``, and run at that level)."""
+        x, t = context_at(x0, noise_level, self.schedule, generator), x0.new_full((x0.shape[0],), noise_level)
+        cache.record(x, t, cond)
+        self._write(x, t, cond, cache)
+
+    @torch.no_grad()
+    def _write(self, x: Tensor, t: Tensor, cond: Conditioning, cache: KVCache) -> None:
+        """One forward of ``x`` at ``t`` against ``cache``, only until the last layer has written its keys/values
+        (that layer's attention and the prediction are never read)."""
         self._state.write_only = True
         try:
-            self(x, x0.new_full((x0.shape[0],), noise_level), cond, cache=cache)
+            self(x, t, cond, cache=cache)
         except _CacheWritten:
             pass
         finally:
             self._state.write_only = False
-        cache.commit(x0.shape[2])
+        cache.commit(x.shape[2])
 
     def _window_rope(self, cache: KVCache, x: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE tables for window positions ``0 .. capacity + chunk - 1`` at this frame size (built once per cache)."""
@@ -304,14 +343,15 @@ class CausalWanDenoiser(WanDenoiser):
             cache.rope = (key, tuple(t.to(x.device) for t in self.transformer.rope(probe)))
         return cache.rope[1]
 
-    def new_cache(self, batch: int, height: int, width: int, capacity: int, sinks: int = 0,
+    def new_cache(self, batch: int, height: int, width: int, capacity: int, sinks: int = 0, reencode: int = 0,
                   device=None, dtype: torch.dtype | None = None) -> KVCache:
         """Preallocated buffers for latents of ``height x width`` and a window of ``capacity`` frames."""
         _, p_h, p_w = self.config.patch_size
         heads, head_dim = self.config.num_attention_heads, self.config.attention_head_dim
         param = self.transformer.blocks[0].attn1.to_k.weight  # keys/values come out in its dtype
         return KVCache(len(self.transformer.blocks), batch, (height // p_h) * (width // p_w), capacity,
-                       self.chunk_frames, heads, head_dim, sinks, device or param.device, dtype or param.dtype)
+                       self.chunk_frames, heads, head_dim, sinks, reencode, device or param.device,
+                       dtype or param.dtype)
 
 
 def context_at(x0: Tensor, noise_level: float, schedule: Schedule, generator: torch.Generator | None) -> Tensor:
@@ -341,10 +381,11 @@ def _chunks(frames: int, chunk_frames: int) -> list[slice]:
 def stream_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, times: list[float],
                   cache: KVCache | None = None, generator: torch.Generator | None = None,
                   grad_steps: list[int] | None = None, cache_frames: int = 0, sink_frames: int = 0,
-                  context_noise: float = 0.0) -> Tensor:
+                  context_noise: float = 0.0, reencode_frames: int = 0) -> Tensor:
     """Generate ``noise.shape[2]`` frames chunk by chunk with the KV cache; after each chunk its ``x0`` is re-run at
     ``t = 0`` (or re-noised to ``context_noise``) to write the cache. Without ``cache``, a fresh one with a window
-    of ``cache_frames`` (0: the whole clip) and ``sink_frames``; it dies with the call, so the last chunk is not
+    of ``cache_frames`` (0: the whole clip), ``sink_frames`` and ``reencode_frames`` (:class:`KVCache`); it dies with
+    the call, so the last chunk is not
     written to it (a forward nobody reads: Self-Forcing training's rollouts).
 
     ``grad_steps[c]`` makes chunk ``c`` stop at that step with gradient (Self-Forcing training); the cache is
@@ -353,7 +394,8 @@ def stream_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, t
     B, _, T, H, W = noise.shape
     fresh = cache is None
     if fresh:
-        cache = model.new_cache(B, H, W, capacity=cache_frames or T, sinks=sink_frames, device=noise.device)
+        cache = model.new_cache(B, H, W, capacity=cache_frames or T, sinks=sink_frames, reencode=reencode_frames,
+                                device=noise.device)
     out, times, chunks = [], device_times(times, noise.device), _chunks(T, model.chunk_frames)
     step = lambda x, t: model.denoise(x, t.expand(B), cond, cache=cache)  # noqa: E731
     for c, frames in enumerate(chunks):
@@ -429,16 +471,11 @@ def make_causal_student(model: WanDenoiser, chunk_frames: int, init: str = "") -
     return CausalWanDenoiser.from_bidirectional(student, chunk_frames)
 
 
-def cache_window(cache_frames: int, train_frames: int, chunk_frames: int, sink_frames: int) -> int:
-    """The KV window (frames) a causal student streams with: ``cache_frames`` when set, else the training length
-    minus one chunk (the most context any chunk saw in training), at least the sinks and one chunk."""
-    return cache_frames or max(train_frames - chunk_frames, sink_frames + chunk_frames)
-
-
 def causal_description(student, data) -> dict:
     """What ``method.json`` records of a causal student (``[student]`` and ``[data]`` of its job), for export."""
     return {"chunk_frames": student.chunk_frames, "train_frames": data.frames, "mode": student.mode,
             "cache_frames": cache_window(student.cache_frames, data.frames, student.chunk_frames, student.sink_frames),
             "sink_frames": student.sink_frames,
             "rollout_frames": student.rollout_frames or data.frames, "context_noise": student.context_noise,
+            "reencode_frames": student.reencode_frames,
             "latent_size": [data.channels, data.height, data.width]}

@@ -188,7 +188,8 @@ def _export(args: argparse.Namespace) -> None:
         from distill.stream import export_streaming
 
         decoder = {"kind": "wan_vae", "path": args.vae} if args.vae else None
-        out = export_streaming(args.model, args.out, args.cache_frames, args.sink_frames, args.dtype, decoder)
+        out = export_streaming(args.model, args.out, args.cache_frames, args.sink_frames, args.dtype, decoder,
+                               reencode_frames=args.reencode_frames)
     else:
         out = (export_lora if args.format == "lora" else export_diffusers)(args.model, args.out)
     print(f"exported {args.model} as {args.format} to {out}")
@@ -330,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.add_argument("--cache-frames", type=int, default=0, help="streaming: KV window (default: the job's)")
     export.add_argument("--sink-frames", type=int, default=None, help="streaming: frames never evicted")
+    export.add_argument("--reencode-frames", type=int, default=None,
+                        help="streaming: frames re-encoded when the window is full (0: a rolling window; default: "
+                             "the job's)")
     export.add_argument("--dtype", default="", help="streaming: weights dtype (default: the model's)")
     export.add_argument("--vae", default="", help="streaming: a local AutoencoderKLWan directory to decode with")
     export.set_defaults(func=_export)

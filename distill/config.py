@@ -107,7 +107,9 @@ class StudentConfig:
     the windows of a rollout after its first (1: the method's ``t_max``). A teacher whose clips open as their prompt
     says (the tiny teacher's: the heading it names, a wall met in the first half) scores a later window, which
     continues motion the prompt does not describe, by the prompt's opening wherever the noisy window says little:
-    lower levels keep the teacher's local corrections there without that pull."""
+    lower levels keep the teacher's local corrections there without that pull. ``reencode_frames``: once the KV
+    window is full, restart it from the last this many frames, written again at the window's first positions
+    (``distill.causal.KVCache``; 0: a rolling window), in self-forcing rollouts and in the exported generator."""
 
     causal: bool = False
     chunk_frames: int = 4
@@ -118,6 +120,7 @@ class StudentConfig:
     rollout_frames: int = 0
     context_noise: float = 0.0
     later_window_t_max: float = 1.0
+    reencode_frames: int = 0
 
 
 @dataclass
@@ -351,6 +354,19 @@ def _validate_methods(method: MethodConfig, where: str) -> None:
                           f"got {adv.r1_weight}, {adv.r1_sigma}")
 
 
+def cache_window(cache_frames: int, train_frames: int, chunk_frames: int, sink_frames: int) -> int:
+    """The KV window (frames) a causal student streams with: ``cache_frames`` when set, else the training length
+    minus one chunk (the most context any chunk saw in training), at least the sinks and one chunk."""
+    return cache_frames or max(train_frames - chunk_frames, sink_frames + chunk_frames)
+
+
+def check_reencode(reencode: int, capacity: int, chunk_frames: int, sinks: int) -> None:
+    """``reencode`` (frames re-encoded at a restart; 0: a rolling window) must be whole chunks after the sinks."""
+    if reencode and (reencode % chunk_frames or not chunk_frames <= reencode <= capacity - sinks):
+        raise ValueError(f"reencode_frames = {reencode} must be 0 or whole chunks of {chunk_frames} frames, at most "
+                         f"the window of {capacity} frames minus its {sinks} sink frames")
+
+
 def _validate_student(job: JobConfig, where: str) -> None:
     """The ``[student]`` table and the methods and data it combines with."""
     student = job.student
@@ -386,6 +402,12 @@ def _validate_student(job: JobConfig, where: str) -> None:
                                                      or job.method.weights.get("gan", 0.0) > 0):
         raise ConfigError(f"{where}: student.rollout_frames > data.frames streams self-forcing rollouts for DMD: "
                           "needs method.name = 'dmd' without a GAN term and student.mode = 'self_forcing'")
+    try:
+        check_reencode(student.reencode_frames, cache_window(student.cache_frames, job.data.frames,
+                                                             student.chunk_frames, student.sink_frames),
+                       student.chunk_frames, student.sink_frames)
+    except ValueError as error:
+        raise ConfigError(f"{where}: student.{error}") from None
     if not job.method.t_min < student.later_window_t_max <= 1.0:
         raise ConfigError(f"{where}: student.later_window_t_max = {student.later_window_t_max} must be a noise level "
                           f"in (method.t_min = {job.method.t_min}, 1]")

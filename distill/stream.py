@@ -27,8 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from distill.causal import CausalWanDenoiser, KVCache, cache_window, denoise_chunk
+from distill.causal import CausalWanDenoiser, KVCache, denoise_chunk
 from distill.conditioning import Conditioning
+from distill.config import cache_window, check_reencode
 from distill.schedule import device_times, schedule_from_dict, schedule_to_dict
 from teachers.wan import WanDenoiser
 
@@ -59,6 +60,7 @@ class StreamingConfig:
     fps: float = 8.0
     coordinate_frames: int = 0
     context_noise: float = 0.0  # the noise level of the cache writes (StudentConfig.context_noise)
+    reencode_frames: int = 0  # frames re-encoded when the window is full (StudentConfig.reencode_frames; 0: rolling)
 
     def __post_init__(self) -> None:
         if self.architecture != "WanTransformer3DModel":
@@ -70,6 +72,7 @@ class StreamingConfig:
         if self.cache_frames < self.sink_frames + self.chunk_frames:
             raise ValueError(f"{CONFIG}: cache_frames ({self.cache_frames}) must hold sink_frames ({self.sink_frames}) "
                              f"plus one chunk ({self.chunk_frames})")
+        check_reencode(self.reencode_frames, self.cache_frames, self.chunk_frames, self.sink_frames)
         if not 0.0 <= self.context_noise < 1.0:
             raise ValueError(f"{CONFIG}: context_noise ({self.context_noise}) must be a noise level in [0, 1)")
         if len(self.latent_size) != 3:
@@ -281,7 +284,8 @@ class StreamingGenerator:
         cfg, model, device = self.config, self.model, self.device
         channels, height, width = cfg.latent_size
         if self._cache is None or self._cache.k.device != device:
-            self._cache = model.new_cache(1, height, width, cfg.cache_frames, cfg.sink_frames, device=device)
+            self._cache = model.new_cache(1, height, width, cfg.cache_frames, cfg.sink_frames, cfg.reencode_frames,
+                                          device=device)
         cache = self._cache
         cache.reset()
         generator = torch.Generator(device).manual_seed(seed)
@@ -335,10 +339,12 @@ def _hand_over(frames: Tensor, done: torch.cuda.Event, stream: torch.cuda.Stream
 def generator_from_model_dir(model_dir: str | Path, cache_frames: int = 0, sink_frames: int | None = None,
                              dtype: str = "", decoder: dict[str, str] | None = None,
                              text_encoder: dict[str, str] | None = None, fps: float = 8.0,
-                             device: str | torch.device = "cpu") -> StreamingGenerator:
+                             device: str | torch.device = "cpu", reencode_frames: int | None = None
+                             ) -> StreamingGenerator:
     """The streaming generator of a trained causal student (``<output.dir>/model`` with a ``method.json`` that
-    records ``causal``), without its text encoder or decoder loaded. ``cache_frames`` and ``sink_frames`` default
-    to the job's (a window of the training length minus one chunk: the most context any chunk saw in training)."""
+    records ``causal``), without its text encoder or decoder loaded. ``cache_frames``, ``sink_frames`` and
+    ``reencode_frames`` default to the job's (a window of the training length minus one chunk: the most context
+    any chunk saw in training)."""
     model_dir = Path(model_dir)
     method_file = model_dir / "method.json"
     method = json.loads(method_file.read_text()) if method_file.is_file() else {}
@@ -357,16 +363,17 @@ def generator_from_model_dir(model_dir: str | Path, cache_frames: int = 0, sink_
         latent_size=causal["latent_size"], sink_frames=sink_frames,
         dtype=dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
         text_encoder=text_encoder or {"kind": "minilm", "path": ""}, decoder=decoder or {"kind": "identity"}, fps=fps,
-        coordinate_frames=model.coordinate_frames, context_noise=causal.get("context_noise", 0.0))
+        coordinate_frames=model.coordinate_frames, context_noise=causal.get("context_noise", 0.0),
+        reencode_frames=causal.get("reencode_frames", 0) if reencode_frames is None else reencode_frames)
     return StreamingGenerator(CausalWanDenoiser.from_bidirectional(model.to(device), chunk), config)
 
 
 def export_streaming(model_dir: str | Path, out_dir: str | Path, cache_frames: int = 0, sink_frames: int | None = None,
                      dtype: str = "", decoder: dict[str, str] | None = None, text_encoder: dict[str, str] | None = None,
-                     fps: float = 8.0) -> Path:
+                     fps: float = 8.0, reencode_frames: int | None = None) -> Path:
     """``distill export --format streaming``: a trained causal student as a streaming generator directory."""
-    return generator_from_model_dir(model_dir, cache_frames, sink_frames, dtype, decoder, text_encoder,
-                                    fps).save_pretrained(out_dir)
+    return generator_from_model_dir(model_dir, cache_frames, sink_frames, dtype, decoder, text_encoder, fps,
+                                    reencode_frames=reencode_frames).save_pretrained(out_dir)
 
 
 def measure(generator: StreamingGenerator, cond_of: Callable[[int], Conditioning], num_chunks: int,

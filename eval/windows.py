@@ -28,7 +28,8 @@ def causal_sampler(generator: StreamingGenerator) -> Sampler:
     model, cfg = generator.model, generator.config
 
     def sample(cond: Conditioning, noise: Tensor) -> Tensor:
-        cache = model.new_cache(noise.shape[0], noise.shape[3], noise.shape[4], cfg.cache_frames, cfg.sink_frames)
+        cache = model.new_cache(noise.shape[0], noise.shape[3], noise.shape[4], cfg.cache_frames, cfg.sink_frames,
+                                cfg.reencode_frames)
         return stream_sample(model, noise, cond, cfg.timesteps, cache=cache, context_noise=cfg.context_noise)
 
     return sample
@@ -71,10 +72,11 @@ def drift_measures(videos: Tensor) -> dict[str, float]:
 
 
 def report(name: str, row: dict) -> None:
-    """One printed line per results row (its streaming speed where it has one)."""
-    speed = f"  first_chunk={row['first_chunk_latency_s']:.4f}s  fps={row['fps']:.1f}" if "fps" in row else ""
+    """One printed line per results row (its re-encoding and streaming speed where it has them)."""
+    stream = (f"  reencode={row['reencode_frames']}  first_chunk={row['first_chunk_latency_s']:.4f}s  "
+              f"fps={row['fps']:.1f}" if "fps" in row else "")
     print(f"{name:14s} window {row['window']}  accuracy={row['accuracy']:.3f}  fvd_probe={row['fvd_probe']:.3f}  "
-          f"shape_speed={row['shape_speed']:.2f}  grain={row['grain']:.3f}{speed}")
+          f"shape_speed={row['shape_speed']:.2f}  grain={row['grain']:.3f}{stream}")
 
 
 def window_features(probe: Probe, videos: Tensor, frames: int, windows: list[int]) -> dict[int, Tensor]:
@@ -113,6 +115,7 @@ def evaluate_causal(generator: StreamingGenerator, probe: Probe, encoder: TextEn
     speed = measure(generator, lambda c: cond, speed_chunks)
     common = {"steps": len(generator.config.timesteps), "chunk_frames": generator.config.chunk_frames,
               "cache_frames": generator.config.cache_frames, "sink_frames": generator.config.sink_frames,
+              "reencode_frames": generator.config.reencode_frames,
               "video_frames": length, "sec_per_video": round(seconds / num, 5), "num_videos": num,
               "first_chunk_latency_s": speed["first_chunk_latency_s"], "fps": speed["fps"]}
     return [{**common, **row} for row in window_metrics(videos, labels, probe, real, frames, windows)]
@@ -133,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=32)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--speed-chunks", type=int, default=40, help="chunks streamed for latency and fps")
+    parser.add_argument("--reencode-frames", type=int, nargs="+", default=None,
+                        help="stream each causal student once per value, re-encoding this many frames when the window "
+                             "is full (0: a rolling window; default: each student's job)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="eval/results/causal_tiny.json")
     args = parser.parse_args(argv)
@@ -162,16 +168,19 @@ def main(argv: list[str] | None = None) -> None:
         name, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"--causal {spec!r}: expected NAME=DIR")
-        generator = generator_from_model_dir(path, device=device)
         method = trained_method(path)
-        for row in evaluate_causal(generator, probe, encoder, args.num, device, *shape, args.windows,
-                                   args.batch_size, real, args.speed_chunks):
-            rows.append({"model": name, "method": method["method"], "mode": method["causal"]["mode"], **row})
-            report(name, row)
+        for reencode in args.reencode_frames or [None]:
+            generator = generator_from_model_dir(path, device=device, reencode_frames=reencode)
+            for row in evaluate_causal(generator, probe, encoder, args.num, device, *shape, args.windows,
+                                       args.batch_size, real, args.speed_chunks):
+                rows.append({"model": name, "method": method["method"], "mode": method["causal"]["mode"], **row})
+                report(name, row)
     notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed); window k = frames "
              f"[{args.frames}k, {args.frames}(k+1)) of one long video per prompt, streamed with the KV window of the "
-             f"student's job. fvd_probe: against window k of {args.num} unseen real videos (training-length clips "
-             "whose motion continues past the clip, eval.probe.real_videos); fvd_probe_vs_clips: against their "
+             "student's job (reencode_frames: frames written again from the window's first positions once it is "
+             f"full; 0: a rolling window). fvd_probe: against window k of {args.num} unseen real videos "
+             "(training-length clips whose motion continues past the clip, eval.probe.real_videos); "
+             "fvd_probe_vs_clips: against their "
              "window 0 (real clips). 'real' rows: other real videos of the same kind (the floor of both numbers; the "
              "probe's direction label is the initial heading, so real windows after a wall contact score lower). "
              "shape_speed: the shapes' mean centroid step in pixels per frame (eval.windows.shape_speed); grain: "

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from distill.causal import (
-    cache_window,
     causal_description,
     chunk_steps,
     forcing_rollout,
@@ -31,7 +30,7 @@ from distill.causal import (
     stream_sample,
 )
 from distill.conditioning import Batch
-from distill.config import DataConfig, StudentConfig
+from distill.config import DataConfig, StudentConfig, cache_window
 from losses.base import Logs, Networks
 from losses.common import uniform
 from losses.dmd import DMDMethod
@@ -97,7 +96,8 @@ class CausalDMDMethod(DMDMethod):
                                       generator=generator, grad_steps=exits,
                                       cache_frames=cache_window(self.student.cache_frames, T, self.chunk_frames,
                                                                 self.student.sink_frames),
-                                      sink_frames=self.student.sink_frames, context_noise=self.student.context_noise)
+                                      sink_frames=self.student.sink_frames, context_noise=self.student.context_noise,
+                                      reencode_frames=self.student.reencode_frames)
                 return split_windows(video, T)
             steps = chunk_steps(B, T, self.chunk_frames, len(self.times), generator)
             x_t, t = forcing_rollout(student, noise, batch.cond, self.times, steps, generator)

@@ -107,15 +107,34 @@ def test_rolled_window_sees_training_positions(sinks, window):
     assert not torch.allclose(streamed[:, :, 6:], absolute, atol=1e-3)  # the evicted frames are gone
 
 
-def test_rolling_window_memory_is_flat(causal):
-    """Ten times a 4-frame training length with a 2-frame sink: the cache buffers never grow or move."""
-    cache = causal.new_cache(1, 16, 16, capacity=4, sinks=2)
+@pytest.mark.parametrize("sinks, reencode, window", [(0, 4, [2, 3, 4, 5]), (0, 2, [4, 5]), (2, 2, [0, 1, 4, 5])])
+def test_reencoded_window_equals_a_clip_of_its_frames(causal_coords, sinks, reencode, window):
+    """With ``reencode``, a chunk after the window is full sees exactly what the masked model sees on a clip made
+    of the sinks and the last ``reencode`` frames: every layer's keys and values, frame coordinates included, as
+    at the opening of a training clip."""
+    noise, cond = torch.randn(1, 3, 8, 16, 16, generator=torch.Generator().manual_seed(3)), _cond(1)
+    with torch.no_grad():
+        cache = causal_coords.new_cache(1, 16, 16, capacity=4, sinks=sinks, reencode=reencode)
+        streamed = stream_sample(causal_coords, noise, cond, [0.5], cache=cache)
+        assert cache.seen == 8 and len(cache.written) == reencode // 2  # replays are not new frames
+        clip = torch.cat([streamed[:, :, window], noise[:, :, 6:]], 2)
+        times = torch.tensor([[0.0] * len(window) + [0.5, 0.5]])
+        reference = causal_coords.denoise(clip, times, cond)[:, :, -2:]
+    torch.testing.assert_close(streamed[:, :, 6:], reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reencode", [0, 2])
+def test_rolling_window_memory_is_flat(causal, reencode):
+    """Ten times a 4-frame training length with a 2-frame sink: the cache buffers never grow or move, rolling or
+    re-encoding (which keeps only the inputs of its last ``reencode`` frames)."""
+    cache = causal.new_cache(1, 16, 16, capacity=4, sinks=2, reencode=reencode)
     pointers, size = [b.data_ptr() for b in (cache.k, cache.k_rot, cache.v)], cache.nbytes()
     noise, cond = torch.randn(1, 3, 40, 16, 16), _cond(1)
     with torch.no_grad():
         video = stream_sample(causal, noise, cond, TIMES[:2], cache=cache)
     assert torch.isfinite(video).all() and cache.seen == 40 and cache.frames == 6
     assert [b.data_ptr() for b in (cache.k, cache.k_rot, cache.v)] == pointers and cache.nbytes() == size
+    assert len(cache.written) == reencode // 2
 
 
 def _trained_dir(tmp_path, dtype=torch.float32, model=None, context_noise=None):

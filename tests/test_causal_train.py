@@ -44,6 +44,10 @@ def test_student_settings_are_validated():
         load_job(JOB, ["student.rollout_frames=8"])  # diffusion forcing has no rolling window
     with pytest.raises(ConfigError, match="without a GAN term"):
         load_job(JOB, ["student.mode='self_forcing'", "student.rollout_frames=8", "method.weights={dmd=1.0, gan=0.1}"])
+    with pytest.raises(ConfigError, match="student.reencode_frames = 3 must be 0 or whole chunks of 2 frames"):
+        load_job(JOB, ["student.reencode_frames=3"])
+    with pytest.raises(ConfigError, match="at most the window of 2 frames minus its 0 sink frames"):
+        load_job(JOB, ["student.reencode_frames=4"])
     with pytest.raises(ConfigError, match="later_window_t_max = 0.01 must be a noise level in"):
         load_job(JOB, ["student.later_window_t_max=0.01"])
 
@@ -146,12 +150,14 @@ def test_later_windows_are_scored_at_capped_noise_levels():
 
 @pytest.mark.parametrize("mode", ["diffusion_forcing", "self_forcing"])
 def test_causal_dmd_trains_and_records_the_student(tmp_path, mode):
-    rollout = ["student.rollout_frames=8", "student.context_noise=0.1"] if mode == "self_forcing" else []
+    rollout = (["student.rollout_frames=8", "student.context_noise=0.1", "student.reencode_frames=2"]
+               if mode == "self_forcing" else [])
     out = train(load_job(JOB, [f"output.dir='{tmp_path}'", f"student.mode='{mode}'", *rollout]))
     method = json.loads((out / "method.json").read_text())
     assert method["causal"] == {"chunk_frames": 2, "train_frames": 4, "mode": mode, "cache_frames": 2,
                                 "sink_frames": 0, "rollout_frames": 8 if rollout else 4,
-                                "context_noise": 0.1 if rollout else 0.0, "latent_size": [3, 16, 16]}
+                                "context_noise": 0.1 if rollout else 0.0, "reencode_frames": 2 if rollout else 0,
+                                "latent_size": [3, 16, 16]}
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any("generator/loss" in r for r in log) and any("critic/loss" in r for r in log)
     teacher = build_model(load_job(JOB)).state_dict()
@@ -202,7 +208,8 @@ def test_ode_pairs_regression_export_and_stream(tmp_path, capsys, monkeypatch):
 
 
 def test_window_eval_writes_causal_rows(tmp_path):
-    """eval.windows at toy size: teacher and bidirectional rows on window 0, causal rows on windows 0 and 2."""
+    """eval.windows at toy size: teacher and bidirectional rows on window 0, causal rows on windows 0 and 2, rolling
+    and re-encoding."""
     from eval.windows import main as windows_main
 
     model = WanDenoiser.load("tiny-random")
@@ -214,11 +221,15 @@ def test_window_eval_writes_causal_rows(tmp_path):
     out = tmp_path / "causal_tiny.json"
     windows_main(["--teacher", "tiny-random", "--teacher-steps", "2", "--bidirectional", str(student),
                   "--causal", f"sf={causal}", "--windows", "0", "2", "--num", "4", "--frames", "4", "--height", "16",
-                  "--width", "16", "--speed-chunks", "3", "--device", "cpu", "--out", str(out)])
+                  "--width", "16", "--speed-chunks", "3", "--reencode-frames", "0", "2", "--device", "cpu",
+                  "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["window"]) for r in rows] == [("real", 0), ("real", 2), ("teacher", 0), ("bidirectional", 0),
-                                                        ("sf", 0), ("sf", 2)]
-    real, causal_rows = rows[:2], rows[4:]
+                                                        ("sf", 0), ("sf", 2), ("sf", 0), ("sf", 2)]
+    real, causal_rows, reencoded = rows[:2], rows[4:6], rows[6:]
+    assert [r["reencode_frames"] for r in causal_rows + reencoded] == [0, 0, 2, 2]
+    assert reencoded[0]["fvd_probe"] == causal_rows[0]["fvd_probe"]  # the window is not full before frame 4
+    assert reencoded[1]["fvd_probe"] != causal_rows[1]["fvd_probe"]
     assert causal_rows[1]["frames"] == [8, 12] and causal_rows[0]["video_frames"] == 12
     assert all(r["fps"] > 0 and r["first_chunk_latency_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in causal_rows)
     # window 0 is compared with the real clips either way; later windows with the real videos' own window
