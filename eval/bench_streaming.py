@@ -44,7 +44,7 @@ DECODE_STEPS = ({}, {"cudnn_benchmark": True}, {"cudnn_benchmark": True, "channe
 
 def build_generator(source: str | dict, latent_size: tuple[int, int], chunk_frames: int, steps: int,
                     cache_frames: int, dtype: torch.dtype, device: torch.device,
-                    vae_config: dict | None) -> StreamingGenerator:
+                    vae_config: dict | None, reencode_frames: int = 0) -> StreamingGenerator:
     """A streaming generator with random weights from a Wan preset, config file or dict, built on the device (fast
     init), with the Wan VAE decoder when ``vae_config`` is given."""
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def build_generator(source: str | dict, latent_size: tuple[int, int], chunk_fram
                              cache_frames=cache_frames, latent_size=list(latent), dtype=str(dtype).split(".")[-1],
                              text_encoder={"kind": "none"},
                              decoder={"kind": "wan_vae" if vae_config is not None else "identity", "path": ""},
-                             coordinate_frames=model.coordinate_frames)
+                             coordinate_frames=model.coordinate_frames, reencode_frames=reencode_frames)
     decoder = None
     if vae_config is not None:
         from diffusers import AutoencoderKLWan
@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--cache-frames", type=int, default=18,
                         help="KV window in latent frames (21-frame training clips minus one chunk)")
+    parser.add_argument("--reencode-frames", type=int, default=0,
+                        help="frames re-encoded when the window is full (distill.causal.KVCache; 0: rolling)")
     parser.add_argument("--chunks", type=int, default=14, help="chunks streamed per measurement")
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -124,13 +126,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     vae_config = None if args.vae_config == "none" else json.loads(args.vae_config)
     generator = build_generator(TOY_WAN if args.preset == "toy" else args.preset, (args.height, args.width),
-                                args.chunk_frames, args.steps, args.cache_frames, dtype, device, vae_config)
+                                args.chunk_frames, args.steps, args.cache_frames, dtype, device, vae_config,
+                                args.reencode_frames)
     channels, text_dim = generator.model.latent_channels, generator.model.config.text_dim
     cond = Conditioning(torch.randn(1, args.text_tokens, text_dim, device=device, dtype=dtype))
     model_size = Path(args.preset).stem if args.preset.endswith(".json") else args.preset
     common = {"model_size": model_size, "resolution": f"{args.width * 8}x{args.height * 8}",
               "latent": [channels, args.height, args.width], "chunk_frames": args.chunk_frames, "steps": args.steps,
-              "forwards_per_chunk": args.steps + 1, "cache_frames": args.cache_frames, "dtype": args.dtype,
+              "forwards_per_chunk": args.steps + 1, "cache_frames": args.cache_frames,
+              "reencode_frames": args.reencode_frames, "writes_per_restart": args.reencode_frames // args.chunk_frames,
+              "dtype": args.dtype,
               "chunks": args.chunks}
     compile_blocks = device.type == "cuda" if args.compile is None else args.compile
     rows, failures, compiled = [], [], False

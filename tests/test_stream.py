@@ -12,12 +12,13 @@ from distill.stream import StreamingConfig, StreamingGenerator, WanVAEDecoder
 from teachers.wan import WanDenoiser
 
 
-def _generator(times, cache_frames=4, source="tiny-random", size=16, decoder=None, device="cpu", context_noise=0.0):
+def _generator(times, cache_frames=4, source="tiny-random", size=16, decoder=None, device="cpu", context_noise=0.0,
+               reencode_frames=0):
     model = CausalWanDenoiser.from_bidirectional(WanDenoiser.load(source).to(device), chunk_frames=2)
     config = StreamingConfig(transformer=dict(model.config), schedule=schedule_to_dict(model.schedule),
                              timesteps=times, chunk_frames=2, cache_frames=cache_frames,
                              latent_size=[model.latent_channels, size, size], text_encoder={"kind": "none"},
-                             context_noise=context_noise)
+                             context_noise=context_noise, reencode_frames=reencode_frames)
     return StreamingGenerator(model, config, decoder=decoder)
 
 
@@ -50,14 +51,33 @@ def test_generator_writes_its_cache_at_its_context_noise():
         _generator([1.0], context_noise=1.0)
 
 
-def test_compiled_blocks_equal_eager_without_recompiling():
+def test_generator_reencodes_its_window_as_stream_sample_does():
+    """The exported ``reencode_frames`` reaches the generator's cache: its chunks are stream_sample's with a
+    re-encoding cache (one step per chunk: the generator's noise draws are the clip's), not the rolling window's."""
+    cond = Conditioning(torch.randn(1, 5, 384))
+    generator = _generator([1.0], cache_frames=2, reencode_frames=2)
+    chunks = torch.cat(list(generator.stream_embeddings(lambda c: cond, 4, seed=7, decode=False)), dim=2)
+    draws = torch.Generator().manual_seed(7)
+    noise = torch.cat([torch.randn(1, 3, 2, 16, 16, generator=draws) for _ in range(4)], dim=2)
+    with torch.no_grad():
+        reencoded, rolled = (stream_sample(generator.model, noise, cond, [1.0],
+                                           cache=generator.model.new_cache(1, 16, 16, 2, reencode=reencode))
+                             for reencode in (2, 0))
+    torch.testing.assert_close(chunks, reencoded, atol=1e-5, rtol=1e-5)
+    assert (chunks[:, :, 4:] - rolled[:, :, 4:]).abs().max() > 1e-3  # from the first restart on
+    with pytest.raises(ValueError, match="reencode_frames = 4 must be 0 or whole chunks"):
+        _generator([1.0], cache_frames=2, reencode_frames=4)
+
+
+@pytest.mark.parametrize("reencode", [0, 2])
+def test_compiled_blocks_equal_eager_without_recompiling(reencode):
     """The window's fill and the layer index stay out of the compiled graphs: one compile serves every layer and
-    every chunk of a stream that fills and rolls its window."""
+    every chunk of a stream that fills and rolls (or re-encodes) its window."""
     model = CausalWanDenoiser.from_bidirectional(WanDenoiser.load("tiny-random"), chunk_frames=2).eval()
     noise, cond = torch.randn(1, 3, 8, 16, 16), Conditioning(torch.randn(1, 5, 384))
 
     def sample():
-        cache = model.new_cache(1, 16, 16, capacity=4, sinks=2)
+        cache = model.new_cache(1, 16, 16, capacity=4, sinks=2, reencode=reencode)
         return stream_sample(model, noise, cond, [1.0, 0.5], cache=cache, generator=torch.Generator().manual_seed(0))
 
     with torch.no_grad():
