@@ -21,6 +21,9 @@ StreamingLLM (Xiao et al. 2024), which keeps all RoPE angles in the trained rang
 runs. Absolute positions would instead push query/sink distances past anything seen in training and past
 the RoPE table (``rope_max_seq_len``). The cost is re-rotating the cached keys once per chunk after an
 eviction (:class:`KVCache` keeps them pre-RoPE and rotated), an elementwise pass small next to attention.
+Re-rotation fixes RoPE only: a rolled key keeps what its write computed from the frame's old place (the frame
+coordinate channels, and in deeper layers the evicted context). ``reencode`` windows (:class:`KVCache`) write the
+kept frames again instead, so every chunk sees what the opening of a training clip gives it.
 
 Speed. Everything in cache mode that depends on how full the window is (key length, positions, the cache's
 bookkeeping) happens in one eager function per layer (:func:`_attend_cache`); the rest of a block sees the same

@@ -103,11 +103,7 @@ class StudentConfig:
     ``context_noise``: the noise level at which finished chunks are written to the KV cache (0: clean, the default
     of CausVid and of Self-Forcing, whose code has the same option); above 0 the cache holds re-noised chunks, so
     that a chunk's small errors are not copied into the next one and compound (the self-forcing rollouts and the
-    exported generator write it the same way). ``later_window_t_max``: the highest noise level at which DMD scores
-    the windows of a rollout after its first (1: the method's ``t_max``). A teacher whose clips open as their prompt
-    says (the tiny teacher's: the heading it names, a wall met in the first half) scores a later window, which
-    continues motion the prompt does not describe, by the prompt's opening wherever the noisy window says little:
-    lower levels keep the teacher's local corrections there without that pull. ``reencode_frames``: once the KV
+    exported generator write it the same way). ``reencode_frames``: once the KV
     window is full, restart it from the last this many frames, written again at the window's first positions
     (``distill.causal.KVCache``; 0: a rolling window), in self-forcing rollouts and in the exported generator."""
 
@@ -119,7 +115,6 @@ class StudentConfig:
     init: str = ""
     rollout_frames: int = 0
     context_noise: float = 0.0
-    later_window_t_max: float = 1.0
     reencode_frames: int = 0
 
 
@@ -408,9 +403,6 @@ def _validate_student(job: JobConfig, where: str) -> None:
                        student.chunk_frames, student.sink_frames)
     except ValueError as error:
         raise ConfigError(f"{where}: student.{error}") from None
-    if not job.method.t_min < student.later_window_t_max <= 1.0:
-        raise ConfigError(f"{where}: student.later_window_t_max = {student.later_window_t_max} must be a noise level "
-                          f"in (method.t_min = {job.method.t_min}, 1]")
     if student.mode == "self_forcing" and job.model.gradient_checkpointing:
         raise ConfigError(f"{where}: student.mode = 'self_forcing' runs the KV cache with gradient, which "
                           "model.gradient_checkpointing cannot recompute; turn one off")

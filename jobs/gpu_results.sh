@@ -16,6 +16,8 @@
 #                                  # from it at context noise 0.2, then on at 0.3; causal_tiny_ode
 #   jobs/gpu_results.sh causal_cap; jobs/gpu_results.sh causal_cap_eval  # self-forcing at 0.3 (the job's level since)
 #                                  # with and without capped noise levels on later windows; causal_tiny_cap
+# (eval/results/causal_tiny_reencode.json ran on the CPU from causal_cap's `sf` student, brought back from the GPU: the
+#  command is in the file.)
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
 # Benchmarks and the teacher:
 #   jobs/gpu_results.sh bench      # attention (480p, and the Triton sweep), memory and streaming on one H100, each alone
@@ -142,25 +144,19 @@ case "${1:-}" in
       --causal sf_ode2048_long=$C/sf_long/model --causal regression=$C/ode/model --windows 0 1 4 --num $NUM \
       --device cuda --out eval/results/causal_tiny_ode.json ;;
   causal_init) causal_init ;;
-  causal_cap)  # MIN=6.5, on one H100 beside `pytest -m gpu`: from causal_init's student, three self-forcing students
+  causal_cap)  # MIN=4.8, on one H100 beside `pytest -m gpu`: from causal_init's student, three self-forcing students
                # side by side at context noise 0.3: the job as is, later windows scored at DMD noise levels <= 0.5, and
-               # that with rollouts five clips long (they reach window 4); causal_tiny_cap
+               # that with rollouts five clips long (they reach window 4); causal_tiny_cap. Ran at 373c3cc: the option
+               # (student.later_window_t_max) lost to the job as is and was removed after.
     causal_init
     train sf jobs/causal_tiny_sf.toml
     train sf_cap0.5 jobs/causal_tiny_sf.toml --set student.later_window_t_max=0.5
     train sf_cap0.5_r80 jobs/causal_tiny_sf.toml --set student.later_window_t_max=0.5 --set student.rollout_frames=80
     wait ;;
-  causal_cap_eval)  # NUM=256 (the first call; then `causal_cap_on` trains the best of them on and evaluates it)
+  causal_cap_eval)  # NUM=256
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal sf=$R/sf/model --causal sf_cap0.5=$R/sf_cap0.5/model \
       --causal sf_cap0.5_r80=$R/sf_cap0.5_r80/model --causal regression=$C/ode/model --windows 0 1 4 --num $NUM \
       --device cuda --out eval/results/causal_tiny_cap.json ;;
-  causal_cap_on)  # NAME MIN=5 NUM=256 [--set ...]: causal_cap's student NAME trained on (resumed: its critic, optimiser
-                  # and EMA too) with the settings it had; causal_tiny_cap_on
-    name=$2; shift 2
-    train $name jobs/causal_tiny_sf.toml --set output.resume=true "$@"
-    wait
-    python -m eval.windows --teacher tiny --teacher-steps 0 --causal ${name}_on=$R/$name/model --windows 0 1 4 \
-      --num $NUM --device cuda --out eval/results/causal_tiny_cap_on.json ;;
   causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
     ode_pairs 1024
     python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN \

@@ -32,7 +32,6 @@ from distill.causal import (
 from distill.conditioning import Batch
 from distill.config import DataConfig, StudentConfig, cache_window
 from losses.base import Logs, Networks
-from losses.common import uniform
 from losses.dmd import DMDMethod
 from teachers.base import Denoiser
 
@@ -65,12 +64,6 @@ class CausalDMDMethod(DMDMethod):
     def windows(self) -> int:
         """Training-length windows per rollout (self-forcing with ``rollout_frames``; else 1)."""
         return max(1, self.student.rollout_frames // self.data.frames)
-
-    def dmd_times(self, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
-        """DMD's noise levels, at most ``student.later_window_t_max`` on every window after a rollout's first."""
-        later = torch.arange(n, device=device) % self.windows > 0
-        high = torch.where(later, min(self.t_max, self.student.later_window_t_max), self.t_max)
-        return uniform(n, self.t_min, high, generator, device)
 
     def make_generator(self, model: Denoiser) -> Denoiser:
         return make_causal_student(model, self.student.chunk_frames, self.student.init)

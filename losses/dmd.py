@@ -81,16 +81,12 @@ class DMDMethod:
         """The student's backward-simulated sample ``x0`` (a causal student overrides how it is made)."""
         return student_sample(student, batch, self.times, generator, grad)
 
-    def dmd_times(self, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
-        """The noise levels at which the two scores of ``n`` samples are compared."""
-        return uniform(n, self.t_min, self.t_max, generator, device)
-
     def generator_loss(self, nets: Networks, batch: Batch,
                        generator: torch.Generator) -> tuple[Tensor, Logs, Tensor, Tensor]:
         """The generator's loss, its logs, and the sample it was computed on (with gradient) at level 0."""
         student, critic, teacher = nets["generator"], nets["critic"], nets["teacher"]
         x0 = self.sample(student, batch, generator, grad=True)
-        t = self.dmd_times(x0.shape[0], generator, x0.device)
+        t = uniform(x0.shape[0], self.t_min, self.t_max, generator, x0.device)
         x_t = teacher.schedule.add_noise(x0.detach(), noise_like(x0, generator), t)
         with torch.no_grad():
             real = teacher.denoise(x_t, t, batch.cond, guidance=self.guidance)
