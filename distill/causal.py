@@ -93,10 +93,9 @@ class KVCache:
 
     ``reencode`` > 0 replaces the rolling window by restarts: once a chunk would not fit, every frame after the
     sinks is dropped and the last ``reencode`` frames are written again from the window position after the sinks
-    (:meth:`CausalWanDenoiser.forward`), from the inputs their first writes recorded. A rolled key keeps what its
-    first write computed, the positions of the frame coordinate channels and of the features RoPE does not
-    rotate included; re-encoded, the window is again what the opening of a training clip gives (as CausVid
-    recomputes the KV cache of a sliding window). It costs ``reencode / chunk_frames`` writes per restart.
+    (:meth:`CausalWanDenoiser.forward`), from the inputs their first writes recorded, so that the window is again
+    what the opening of a training clip gives (as CausVid recomputes the KV cache of a sliding window). A restart
+    costs ``reencode / chunk_frames`` writes.
     """
 
     def __init__(self, layers: int, batch: int, tokens_per_frame: int, capacity: int, chunk_frames: int,
@@ -387,9 +386,9 @@ def stream_sample(model: CausalWanDenoiser, noise: Tensor, cond: Conditioning, t
                   context_noise: float = 0.0, reencode_frames: int = 0) -> Tensor:
     """Generate ``noise.shape[2]`` frames chunk by chunk with the KV cache; after each chunk its ``x0`` is re-run at
     ``t = 0`` (or re-noised to ``context_noise``) to write the cache. Without ``cache``, a fresh one with a window
-    of ``cache_frames`` (0: the whole clip), ``sink_frames`` and ``reencode_frames`` (:class:`KVCache`); it dies with
-    the call, so the last chunk is not
-    written to it (a forward nobody reads: Self-Forcing training's rollouts).
+    of ``cache_frames`` (0: the whole clip), ``sink_frames`` and ``reencode_frames`` (:class:`KVCache`); it dies
+    with the call, so the last chunk is not written to it (a forward nobody reads: Self-Forcing training's
+    rollouts).
 
     ``grad_steps[c]`` makes chunk ``c`` stop at that step with gradient (Self-Forcing training); the cache is
     written without gradient from the detached ``x0``.

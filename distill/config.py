@@ -103,9 +103,9 @@ class StudentConfig:
     ``context_noise``: the noise level at which finished chunks are written to the KV cache (0: clean, the default
     of CausVid and of Self-Forcing, whose code has the same option); above 0 the cache holds re-noised chunks, so
     that a chunk's small errors are not copied into the next one and compound (the self-forcing rollouts and the
-    exported generator write it the same way). ``reencode_frames``: once the KV
-    window is full, restart it from the last this many frames, written again at the window's first positions
-    (``distill.causal.KVCache``; 0: a rolling window), in self-forcing rollouts and in the exported generator."""
+    exported generator write it the same way). ``reencode_frames``: once the KV window is full, restart it from
+    the last this many frames, written again at the window's first positions (``distill.causal.KVCache``; 0: a
+    rolling window), in self-forcing rollouts and in the exported generator."""
 
     causal: bool = False
     chunk_frames: int = 4
