@@ -10,6 +10,7 @@ the streaming generator's first-chunk latency and frames per second. Writes ``ev
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -168,9 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         name, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"--causal {spec!r}: expected NAME=DIR")
-        method = trained_method(path)
-        for reencode in args.reencode_frames or [None]:
-            generator = generator_from_model_dir(path, device=device, reencode_frames=reencode)
+        method, loaded = trained_method(path), generator_from_model_dir(path, device=device)
+        for reencode in args.reencode_frames or [loaded.config.reencode_frames]:  # one model, a config per value
+            generator = StreamingGenerator(loaded.model, replace(loaded.config, reencode_frames=reencode))
             for row in evaluate_causal(generator, probe, encoder, args.num, device, *shape, args.windows,
                                        args.batch_size, real, args.speed_chunks):
                 rows.append({"model": name, "method": method["method"], "mode": method["causal"]["mode"], **row})
