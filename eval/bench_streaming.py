@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ DECODE_STEPS = ({}, {"cudnn_benchmark": True}, {"cudnn_benchmark": True, "channe
 
 def build_generator(source: str | dict, latent_size: tuple[int, int], chunk_frames: int, steps: int,
                     cache_frames: int, dtype: torch.dtype, device: torch.device,
-                    vae_config: dict | None, reencode_frames: int = 0) -> StreamingGenerator:
+                    vae_config: dict | None) -> StreamingGenerator:
     """A streaming generator with random weights from a Wan preset, config file or dict, built on the device (fast
     init), with the Wan VAE decoder when ``vae_config`` is given."""
     torch.manual_seed(0)
@@ -58,7 +59,7 @@ def build_generator(source: str | dict, latent_size: tuple[int, int], chunk_fram
                              cache_frames=cache_frames, latent_size=list(latent), dtype=str(dtype).split(".")[-1],
                              text_encoder={"kind": "none"},
                              decoder={"kind": "wan_vae" if vae_config is not None else "identity", "path": ""},
-                             coordinate_frames=model.coordinate_frames, reencode_frames=reencode_frames)
+                             coordinate_frames=model.coordinate_frames)
     decoder = None
     if vae_config is not None:
         from diffusers import AutoencoderKLWan
@@ -101,8 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--cache-frames", type=int, default=18,
                         help="KV window in latent frames (21-frame training clips minus one chunk)")
-    parser.add_argument("--reencode-frames", type=int, default=0,
-                        help="frames re-encoded when the window is full (distill.causal.KVCache; 0: rolling)")
+    parser.add_argument("--reencode-frames", type=int, nargs="+", default=[0],
+                        help="frames re-encoded when the window is full (distill.causal.KVCache; 0: rolling); several "
+                             "values: each row measured once per value, side by side in one process")
     parser.add_argument("--chunks", type=int, default=14, help="chunks streamed per measurement")
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -126,16 +128,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     vae_config = None if args.vae_config == "none" else json.loads(args.vae_config)
     generator = build_generator(TOY_WAN if args.preset == "toy" else args.preset, (args.height, args.width),
-                                args.chunk_frames, args.steps, args.cache_frames, dtype, device, vae_config,
-                                args.reencode_frames)
+                                args.chunk_frames, args.steps, args.cache_frames, dtype, device, vae_config)
+    # one model and decoder, a streaming config per re-encoding value
+    generators = {r: StreamingGenerator(generator.model, replace(generator.config, reencode_frames=r),
+                                        decoder=generator.decoder) for r in args.reencode_frames}
     channels, text_dim = generator.model.latent_channels, generator.model.config.text_dim
     cond = Conditioning(torch.randn(1, args.text_tokens, text_dim, device=device, dtype=dtype))
     model_size = Path(args.preset).stem if args.preset.endswith(".json") else args.preset
     common = {"model_size": model_size, "resolution": f"{args.width * 8}x{args.height * 8}",
               "latent": [channels, args.height, args.width], "chunk_frames": args.chunk_frames, "steps": args.steps,
-              "forwards_per_chunk": args.steps + 1, "cache_frames": args.cache_frames,
-              "reencode_frames": args.reencode_frames, "writes_per_restart": args.reencode_frames // args.chunk_frames,
-              "dtype": args.dtype,
+              "forwards_per_chunk": args.steps + 1, "cache_frames": args.cache_frames, "dtype": args.dtype,
               "chunks": args.chunks}
     compile_blocks = device.type == "cuda" if args.compile is None else args.compile
     rows, failures, compiled = [], [], False
@@ -144,22 +146,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
             generator.model.compile_blocks()
             compiled = True
         decode = config.pop("decode")
-        set_switches(generator, config)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            with torch.inference_mode():
-                speed = measure(generator, lambda c: cond, args.chunks, decode=decode)
-        except Exception as err:  # noqa: BLE001 - a compiled row may fail; the eager rows still stand
-            if not config["compiled"]:
-                raise
-            failures.append(f"torch.compile: {type(err).__name__}: {err}")
+        for reencode, streaming in generators.items():
+            set_switches(streaming, config)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                with torch.inference_mode():
+                    speed = measure(streaming, lambda c: cond, args.chunks, decode=decode)
+            except Exception as err:  # noqa: BLE001 - a compiled row may fail; the eager rows still stand
+                if not config["compiled"]:
+                    raise
+                failures.append(f"torch.compile: {type(err).__name__}: {err}")
+                break
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            row = {**common, "reencode_frames": reencode, "writes_per_restart": reencode // args.chunk_frames,
+                   "includes_vae_decode": decode, **config, **speed,
+                   "peak_gib": None if peak is None else round(peak, 2)}
+            rows.append(row)
+            print(format_row(row), flush=True)
+        if failures:
             break
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        row = {**common, "includes_vae_decode": decode, **config, **speed,
-               "peak_gib": None if peak is None else round(peak, 2)}
-        rows.append(row)
-        print(format_row(row), flush=True)
     notes = (f"Causal Wan student with random weights ({args.preset}), {args.dtype}, batch 1, {args.steps} steps per "
              f"chunk of {args.chunk_frames} latent frames plus one t=0 forward writing the KV cache (stopped after "
              f"the last layer's keys/values; window {args.cache_frames} latent frames), random {args.text_tokens}-token"
@@ -170,12 +176,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "causal cache). Switches: vae_batch_frames (all latent frames of a chunk per decoder call), "
              "cudnn_benchmark (cuDNN autotuning around the decode), channels_last (VAE in NDHWC), overlap_decode "
              "(decode on a second, higher-priority CUDA stream while the next chunk's DiT runs; sequential on CPU), "
-             "compiled (torch.compile'd blocks, static shapes, cache attention eager). Targets (issue 5): >= 17 fps "
+             "compiled (torch.compile'd blocks, static shapes, cache attention eager). reencode_frames: 0, a rolling "
+             "window; K, the window restarts from its last K frames once full (writes_per_restart more cache-write "
+             "forwards per restart). Targets (issue 5): >= 17 fps "
              "with VAE decode, first chunk < 0.69 s (Self-Forcing on an H100). " + " ".join(failures))
     out = args.out or f"eval/results/streaming_{gpu_slug(device_name(device))}.json"
     write_results(out, rows, device, notes)
-    print(f"{'compiled':8s} {'vae':5s} {'batch':5s} {'cudnn':5s} {'nhwc':5s} {'overlap':7s} {'first_chunk_s':>13s} "
-          f"{'fps':>7s}")
+    print(f"{'compiled':8s} {'vae':5s} {'batch':5s} {'cudnn':5s} {'nhwc':5s} {'overlap':7s} {'reencode':8s} "
+          f"{'first_chunk_s':>13s} {'fps':>7s}")
     for row in rows:
         print(format_row(row))
     print(f"wrote {out}")
@@ -183,8 +191,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def format_row(row: dict) -> str:
-    flags = [row["compiled"], row["includes_vae_decode"], *(row[s] for s in SWITCHES)]
-    widths = [8, 5, 5, 5, 5, 7]
+    flags = [row["compiled"], row["includes_vae_decode"], *(row[s] for s in SWITCHES), row["reencode_frames"]]
+    widths = [8, 5, 5, 5, 5, 7, 8]
     return (" ".join(f"{flag!s:{w}s}" for flag, w in zip(flags, widths))
             + f" {row['first_chunk_latency_s']:13.3f} {row['fps']:7.1f}")
 

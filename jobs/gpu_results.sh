@@ -16,6 +16,8 @@
 #                                  # from it at context noise 0.2, then on at 0.3; causal_tiny_ode
 #   jobs/gpu_results.sh causal_cap; jobs/gpu_results.sh causal_cap_eval  # self-forcing at 0.3 (the job's level since)
 #                                  # with and without capped noise levels on later windows; causal_tiny_cap
+#   jobs/gpu_results.sh causal_reencode; jobs/gpu_results.sh causal_reencode_eval  # self-forcing through re-encoded
+#                                  # windows: four variants side by side; causal_tiny_reencode_sf
 # (eval/results/causal_tiny_reencode.json ran on the CPU from causal_cap's `sf` student, brought back from the GPU: the
 #  command is in the file.)
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
@@ -157,6 +159,20 @@ case "${1:-}" in
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal sf=$R/sf/model --causal sf_cap0.5=$R/sf_cap0.5/model \
       --causal sf_cap0.5_r80=$R/sf_cap0.5_r80/model --causal regression=$C/ode/model --windows 0 1 4 --num $NUM \
       --device cuda --out eval/results/causal_tiny_cap.json ;;
+  causal_reencode)  # MIN=4.6, on one H100 after causal_init: four self-forcing students side by side, all rolling out
+                    # through re-encoded windows (the job's reencode_frames = 4): the job as is (48-frame rollouts),
+                    # one-clip rollouts (a restarted window is a clip's opening, so these see its cases, at 3x the
+                    # steps), those without the regression term, and those at 2.5x the learning rate
+    causal_init
+    train re48 jobs/causal_tiny_sf.toml
+    train re16 jobs/causal_tiny_sf.toml --set student.rollout_frames=16
+    train re16_noreg jobs/causal_tiny_sf.toml --set student.rollout_frames=16 --set "method.weights={dmd=1.0}"
+    train re16_lr5e-5 jobs/causal_tiny_sf.toml --set student.rollout_frames=16 --set optim.lr=5e-5
+    wait ;;
+  causal_reencode_eval)  # NUM=256
+    python -m eval.windows --teacher tiny --teacher-steps 0 --causal re48=$R/re48/model --causal re16=$R/re16/model \
+      --causal re16_noreg=$R/re16_noreg/model --causal re16_lr5e-5=$R/re16_lr5e-5/model --windows 0 1 4 --num $NUM \
+      --device cuda --out eval/results/causal_tiny_reencode_sf.json ;;
   causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
     ode_pairs 1024
     python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN \
@@ -185,5 +201,5 @@ case "${1:-}" in
     python -m eval.prompt_sensitivity --teacher runs/teacher_pos2/model --device cuda --num 32
     python -m distill.cli eval --teacher runs/teacher_pos2/model --steps 50 4 2 1 --num 512 --device cuda \
       --out runs/teacher_pos2_eval.json ;;  # its rows are in eval/results/tiny_teacher.json
-  *) echo "usage: $0 students|evaluate|one_step|causal|causal_sf|causal_reg|causal_noise|causal_long|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
+  *) echo "usage: $0 students|evaluate|one_step|causal|causal_sf|causal_reg|causal_noise|causal_long|causal_ode|causal_init|causal_cap|causal_cap_eval|causal_reencode|causal_reencode_eval|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
 esac

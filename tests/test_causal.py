@@ -201,16 +201,17 @@ def test_cache_mode_with_gradient_matches_inference(causal):
 
 def test_streaming_benchmark_runs_at_toy_size(tmp_path):
     """eval/bench_streaming.py --tiny end to end on the CPU: a 16-channel toy Wan and a toy Wan VAE, every eager row
-    (the old decode path, then each switch)."""
+    (the old decode path, then each switch), each with a rolling window and with restarts."""
     from eval.bench_streaming import DECODE_STEPS, SWITCHES, main as bench
     from eval.results import gpu_slug
 
     out = tmp_path / "streaming.json"
-    rows = bench(["--tiny", "--device", "cpu", "--out", str(out)])
-    assert [r["includes_vae_decode"] for r in rows] == [False] + [True] * len(DECODE_STEPS)
-    assert not any(rows[1][s] for s in SWITCHES) and all(rows[-1][s] for s in SWITCHES if s != "channels_last")
+    rows = bench(["--tiny", "--device", "cpu", "--out", str(out), "--cache-frames", "4", "--reencode-frames", "0", "2"])
+    assert [r["includes_vae_decode"] for r in rows] == [False] * 2 + [True] * 2 * len(DECODE_STEPS)
+    assert [(r["reencode_frames"], r["writes_per_restart"]) for r in rows[:2]] == [(0, 0), (2, 1)]
+    assert not any(rows[2][s] for s in SWITCHES) and all(rows[-1][s] for s in SWITCHES if s != "channels_last")
     assert not any(r["compiled"] for r in rows)  # compiling is for CUDA unless --compile
-    assert all(r["frames"] == 1 + 4 * (2 * 3 - 1) and r["resolution"] == "32x32" for r in rows[1:])  # 4x in time
+    assert all(r["frames"] == 1 + 4 * (2 * 3 - 1) and r["resolution"] == "32x32" for r in rows[2:])  # 4x in time
     assert all(r["fps"] > 0 and r["first_chunk_latency_s"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"][0]["model_size"] == "toy"
     assert gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
