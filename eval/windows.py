@@ -10,6 +10,7 @@ the streaming generator's first-chunk latency and frames per second. Writes ``ev
 from __future__ import annotations
 
 import argparse
+import itertools
 from dataclasses import replace
 
 import torch
@@ -74,8 +75,8 @@ def drift_measures(videos: Tensor) -> dict[str, float]:
 
 def report(name: str, row: dict) -> None:
     """One printed line per results row (its re-encoding and streaming speed where it has them)."""
-    stream = (f"  reencode={row['reencode_frames']}  first_chunk={row['first_chunk_latency_s']:.4f}s  "
-              f"fps={row['fps']:.1f}" if "fps" in row else "")
+    stream = (f"  reencode={row['reencode_frames']}  sinks={row['sink_frames']}  "
+              f"first_chunk={row['first_chunk_latency_s']:.4f}s  fps={row['fps']:.1f}" if "fps" in row else "")
     print(f"{name:14s} window {row['window']}  accuracy={row['accuracy']:.3f}  fvd_probe={row['fvd_probe']:.3f}  "
           f"shape_speed={row['shape_speed']:.2f}  grain={row['grain']:.3f}{stream}")
 
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reencode-frames", type=int, nargs="+", default=None,
                         help="stream each causal student once per value, re-encoding this many frames when the window "
                              "is full (0: a rolling window; default: each student's job)")
+    parser.add_argument("--sink-frames", type=int, nargs="+", default=None,
+                        help="stream each causal student once per value (and per --reencode-frames value), keeping "
+                             "this many first frames in the window for good (default: each student's job)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="eval/results/causal_tiny.json")
     args = parser.parse_args(argv)
@@ -170,8 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         if not path:
             raise SystemExit(f"--causal {spec!r}: expected NAME=DIR")
         method, loaded = trained_method(path), generator_from_model_dir(path, device=device)
-        for reencode in args.reencode_frames or [loaded.config.reencode_frames]:  # one model, a config per value
-            generator = StreamingGenerator(loaded.model, replace(loaded.config, reencode_frames=reencode))
+        for reencode, sinks in itertools.product(args.reencode_frames or [loaded.config.reencode_frames],
+                                                 args.sink_frames or [loaded.config.sink_frames]):
+            # one model, a config per setting
+            generator = StreamingGenerator(loaded.model, replace(loaded.config, reencode_frames=reencode,
+                                                                 sink_frames=sinks))
             for row in evaluate_causal(generator, probe, encoder, args.num, device, *shape, args.windows,
                                        args.batch_size, real, args.speed_chunks):
                 rows.append({"model": name, "method": method["method"], "mode": method["causal"]["mode"], **row})

@@ -18,6 +18,9 @@
 #                                  # with and without capped noise levels on later windows; causal_tiny_cap
 #   jobs/gpu_results.sh causal_reencode; jobs/gpu_results.sh causal_reencode_eval  # self-forcing through re-encoded
 #                                  # windows: four variants side by side; causal_tiny_reencode_sf
+#   MIN=6.3 jobs/gpu_results.sh causal_lr  # then one-clip rollouts at higher learning rates; causal_tiny_reencode_lr
+#   (bench rows with restarts: python eval/bench_streaming.py --ends-only --compile --reencode-frames 0 3
+#    --out eval/results/streaming_reencode_h100.json)
 # (eval/results/causal_tiny_reencode.json ran on the CPU from causal_cap's `sf` student, brought back from the GPU: the
 #  command is in the file.)
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
@@ -173,6 +176,17 @@ case "${1:-}" in
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal re48=$R/re48/model --causal re16=$R/re16/model \
       --causal re16_noreg=$R/re16_noreg/model --causal re16_lr5e-5=$R/re16_lr5e-5/model --windows 0 1 4 --num $NUM \
       --device cuda --out eval/results/causal_tiny_reencode_sf.json ;;
+  causal_lr)  # MIN=6.3 NUM=256, right after causal_reencode on the same machine (from causal_init's student): one-clip
+              # rollouts at 2.5x and 5x the learning rate, and 48-frame rollouts at 2.5x, side by side, then evaluated;
+              # causal_tiny_reencode_lr (the first became the job's setting)
+    causal_init
+    train r16_lr5e-5 jobs/causal_tiny_sf.toml --set student.rollout_frames=16 --set optim.lr=5e-5
+    train r16_lr1e-4 jobs/causal_tiny_sf.toml --set student.rollout_frames=16 --set optim.lr=1e-4
+    train r48_lr5e-5 jobs/causal_tiny_sf.toml --set student.rollout_frames=48 --set optim.lr=5e-5
+    wait
+    python -m eval.windows --teacher tiny --teacher-steps 0 --causal r16_lr5e-5=$R/r16_lr5e-5/model \
+      --causal r16_lr1e-4=$R/r16_lr1e-4/model --causal r48_lr5e-5=$R/r48_lr5e-5/model --windows 0 1 4 --num $NUM \
+      --device cuda --out eval/results/causal_tiny_reencode_lr.json ;;
   causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
     ode_pairs 1024
     python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN \
@@ -201,5 +215,5 @@ case "${1:-}" in
     python -m eval.prompt_sensitivity --teacher runs/teacher_pos2/model --device cuda --num 32
     python -m distill.cli eval --teacher runs/teacher_pos2/model --steps 50 4 2 1 --num 512 --device cuda \
       --out runs/teacher_pos2_eval.json ;;  # its rows are in eval/results/tiny_teacher.json
-  *) echo "usage: $0 students|evaluate|one_step|causal|causal_sf|causal_reg|causal_noise|causal_long|causal_ode|causal_init|causal_cap|causal_cap_eval|causal_reencode|causal_reencode_eval|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
+  *) echo "usage: $0 students|evaluate|one_step|causal|causal_sf|causal_reg|causal_noise|causal_long|causal_ode|causal_init|causal_cap|causal_cap_eval|causal_reencode|causal_reencode_eval|causal_lr|lora_sparse|bench|h200|teacher" >&2; exit 2 ;;
 esac
