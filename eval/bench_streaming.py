@@ -11,7 +11,8 @@ Rows, in the order run (each names the switches it had on): the DiT alone; with 
 (one decoder call per latent frame, cuDNN's heuristics, the decode after the DiT on one stream), then cuDNN
 autotuning, channels-last (on its own: it may lose), all latent frames of a chunk per decoder call, and the decode
 overlapped with the next chunk's DiT on a second CUDA stream; then the DiT alone and everything on with
-``torch.compile``'d blocks (last: compiling is not undone). The generator is the product's
+``torch.compile``'d blocks (last: compiling is not undone); each row once per ``--reencode-frames`` value (a rolling
+window, or restarts from that many frames). The generator is the product's
 :class:`distill.stream.StreamingGenerator`; random 512-token text embeddings stand in for umT5's.
 """
 

@@ -189,7 +189,7 @@ def test_ode_pairs_regression_export_and_stream(tmp_path, capsys, monkeypatch):
 
 def test_window_eval_writes_causal_rows(tmp_path):
     """eval.windows at toy size: teacher and bidirectional rows on window 0, causal rows on windows 0 and 2, rolling
-    and re-encoding."""
+    and re-encoding, each without and with sink frames."""
     from eval.windows import main as windows_main
 
     model = WanDenoiser.load("tiny-random")
@@ -197,19 +197,19 @@ def test_window_eval_writes_causal_rows(tmp_path):
     (student / "method.json").write_text(json.dumps({"method": "dmd", "timesteps": [1.0, 0.5]}))
     causal = model.save_pretrained(tmp_path / "causal")
     (causal / "method.json").write_text(json.dumps({"method": "dmd", "timesteps": [1.0, 0.5], "causal": {
-        "chunk_frames": 2, "train_frames": 4, "mode": "self_forcing", "latent_size": [3, 16, 16]}}))
+        "chunk_frames": 2, "train_frames": 6, "mode": "self_forcing", "latent_size": [3, 16, 16]}}))  # window: 4
     out = tmp_path / "causal_tiny.json"
     windows_main(["--teacher", "tiny-random", "--teacher-steps", "2", "--bidirectional", str(student),
                   "--causal", f"sf={causal}", "--windows", "0", "2", "--num", "4", "--frames", "4", "--height", "16",
-                  "--width", "16", "--speed-chunks", "3", "--reencode-frames", "0", "2", "--device", "cpu",
-                  "--out", str(out)])
+                  "--width", "16", "--speed-chunks", "3", "--reencode-frames", "0", "2", "--sink-frames", "0", "2",
+                  "--device", "cpu", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["window"]) for r in rows] == [("real", 0), ("real", 2), ("teacher", 0), ("bidirectional", 0),
-                                                        ("sf", 0), ("sf", 2), ("sf", 0), ("sf", 2)]
-    real, causal_rows, reencoded = rows[:2], rows[4:6], rows[6:]
-    assert [r["reencode_frames"] for r in causal_rows + reencoded] == [0, 0, 2, 2]
-    assert reencoded[0]["fvd_probe"] == causal_rows[0]["fvd_probe"]  # the window is not full before frame 4
-    assert reencoded[1]["fvd_probe"] != causal_rows[1]["fvd_probe"]
+                                                        *[("sf", 0), ("sf", 2)] * 4]
+    real, causal_rows, settings = rows[:2], rows[4:6], rows[4:]
+    assert [(r["reencode_frames"], r["sink_frames"]) for r in settings[::2]] == [(0, 0), (0, 2), (2, 0), (2, 2)]
+    assert len({r["fvd_probe"] for r in settings[::2]}) == 1  # the window is not full before frame 4
+    assert len({r["fvd_probe"] for r in settings[1::2]}) == 4  # after it, each way of making room differs
     assert causal_rows[1]["frames"] == [8, 12] and causal_rows[0]["video_frames"] == 12
     assert all(r["fps"] > 0 and r["first_chunk_latency_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in causal_rows)
     # window 0 is compared with the real clips either way; later windows with the real videos' own window
