@@ -8,13 +8,12 @@ wall time that produced it. Writes ``eval/results/methods_tiny.json`` and prints
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from distill.text import TextEncoder
-from eval.evaluate import evaluate_runs, load_samplers, teacher_run, trained_method
+from eval.evaluate import evaluate_runs, load_samplers, teacher_run, trained_method, training_record
 from eval.probe import Probe, reference_features
 from eval.results import write_results
 
@@ -26,24 +25,6 @@ def model_dir(path: str | Path) -> Path:
         if (candidate / "method.json").is_file():
             return candidate
     raise FileNotFoundError(f"{path}: no method.json here or in {path / 'model'} (a directory from distill train)")
-
-
-def training_record(model: Path) -> dict:
-    """Wall time and steps of the run that wrote ``model`` (``<output.dir>/log.jsonl`` beside ``<output.dir>/model``),
-    and its job file's settings where present."""
-    log, job = model.parent / "log.jsonl", model.parent / "job.json"
-    record: dict = {"train_minutes": None, "train_seconds": None, "train_steps": None}
-    if log.is_file():
-        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        timed = [r for r in lines if "sec" in r]
-        if timed:
-            seconds = timed[-1]["sec"]
-            record = {"train_minutes": round(seconds / 60, 2), "train_seconds": seconds,
-                      "train_steps": timed[-1]["step"]}
-    if job.is_file():
-        settings = json.loads(job.read_text())
-        record["weights"] = settings["method"]["weights"]
-    return record
 
 
 def eval_steps(method: dict, wanted: list[int]) -> list[int]:

@@ -66,6 +66,25 @@ def trained_method(model_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def training_record(model: str | Path) -> dict:
+    """Wall time and steps of the run that wrote ``model`` (``<output.dir>/log.jsonl`` beside ``<output.dir>/model``),
+    and its job file's settings where present."""
+    model = Path(model)
+    log, job = model.parent / "log.jsonl", model.parent / "job.json"
+    record: dict = {"train_minutes": None, "train_seconds": None, "train_steps": None}
+    if log.is_file():
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        timed = [r for r in lines if "sec" in r]
+        if timed:
+            seconds = timed[-1]["sec"]
+            record = {"train_minutes": round(seconds / 60, 2), "train_seconds": seconds,
+                      "train_steps": timed[-1]["step"]}
+    if job.is_file():
+        settings = json.loads(job.read_text())
+        record["weights"] = settings["method"]["weights"]
+    return record
+
+
 def load_samplers(model_dir: str | Path, device: torch.device, guidance: float, steps: Sequence[int | None] = (None,),
                   base: Denoiser | None = None, teacher_steps: int = 50) -> list[Sampler]:
     """A model directory's samplers, one per entry of ``steps`` (None: all of a student's steps), from one load:

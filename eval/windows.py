@@ -20,7 +20,7 @@ from distill.causal import stream_sample
 from distill.conditioning import Conditioning
 from distill.stream import StreamingGenerator, generator_from_model_dir, measure
 from distill.text import TextEncoder
-from eval.evaluate import Sampler, eval_prompts, evaluate, generate, load_sampler, trained_method
+from eval.evaluate import Sampler, eval_prompts, evaluate, generate, load_sampler, trained_method, training_record
 from eval.probe import REFERENCE_SEED, Probe, attribute_accuracy, fvd_probe, real_videos
 from eval.results import write_results
 
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         if not path:
             raise SystemExit(f"--causal {spec!r}: expected NAME=DIR")
         method, loaded = trained_method(path), generator_from_model_dir(path, device=device)
+        record = training_record(path)  # its run's steps and minutes, where the run's log lies beside it
         for reencode, sinks in itertools.product(args.reencode_frames or [loaded.config.reencode_frames],
                                                  args.sink_frames or [loaded.config.sink_frames]):
             # one model, a config per setting
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                  sink_frames=sinks))
             for row in evaluate_causal(generator, probe, encoder, args.num, device, *shape, args.windows,
                                        args.batch_size, real, args.speed_chunks):
-                rows.append({"model": name, "method": method["method"], "mode": method["causal"]["mode"], **row})
+                rows.append({"model": name, "method": method["method"], "mode": method["causal"]["mode"], **record,
+                             **row})
                 report(name, row)
     notes = (f"{args.num} prompts from eval.evaluate.eval_prompts (seed fixed); window k = frames "
              f"[{args.frames}k, {args.frames}(k+1)) of one long video per prompt, streamed with the KV window of the "

@@ -198,6 +198,7 @@ def test_window_eval_writes_causal_rows(tmp_path):
     causal = model.save_pretrained(tmp_path / "causal")
     (causal / "method.json").write_text(json.dumps({"method": "dmd", "timesteps": [1.0, 0.5], "causal": {
         "chunk_frames": 2, "train_frames": 6, "mode": "self_forcing", "latent_size": [3, 16, 16]}}))  # window: 4
+    (tmp_path / "log.jsonl").write_text('{"step": 50, "sec": 30.0}\n{"step": 61, "event": "stopped", "sec": 36.6}\n')
     out = tmp_path / "causal_tiny.json"
     windows_main(["--teacher", "tiny-random", "--teacher-steps", "2", "--bidirectional", str(student),
                   "--causal", f"sf={causal}", "--windows", "0", "2", "--num", "4", "--frames", "4", "--height", "16",
@@ -210,6 +211,7 @@ def test_window_eval_writes_causal_rows(tmp_path):
     assert [(r["reencode_frames"], r["sink_frames"]) for r in settings[::2]] == [(0, 0), (0, 2), (2, 0), (2, 2)]
     assert len({r["fvd_probe"] for r in settings[::2]}) == 1  # the window is not full before frame 4
     assert len({r["fvd_probe"] for r in settings[1::2]}) == 4  # after it, each way of making room differs
+    assert all((r["train_steps"], r["train_minutes"]) == (61, 0.61) for r in settings)  # from the run's log
     assert causal_rows[1]["frames"] == [8, 12] and causal_rows[0]["video_frames"] == 12
     assert all(r["fps"] > 0 and r["first_chunk_latency_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in causal_rows)
     # window 0 is compared with the real clips either way; later windows with the real videos' own window
