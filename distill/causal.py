@@ -290,22 +290,20 @@ class CausalWanDenoiser(WanDenoiser):
         but does not extend: :meth:`write_cache` does). In cache mode the chunk's frame coordinate (models with
         coordinate channels) starts at its window position, as its RoPE positions do, so that streaming equals the
         whole clip until the window rolls and stays within the trained range after."""
-        if cache is not None and cache.must_restart:
-            for written in cache.restart():
-                self._write(*written, cache)
-        state = self._state
-        state.frames, state.tokens_per_frame = x_t.shape[2], self._tokens_per_frame(x_t)
+        state, tokens_per_frame = self._state, self._tokens_per_frame(x_t)
         if cache is None:
+            state.frames, state.tokens_per_frame = x_t.shape[2], tokens_per_frame
             return super().forward(x_t, t, cond, **kwargs)
         if x_t.shape[2] > self.chunk_frames:
             raise ValueError(f"cache mode takes one chunk of <= {self.chunk_frames} frames, got {x_t.shape[2]}")
-        if cache.tokens_per_frame != state.tokens_per_frame:
+        if cache.tokens_per_frame != tokens_per_frame:
             raise ValueError(f"KV cache is for {cache.tokens_per_frame} tokens per frame, latents have "
-                             f"{state.tokens_per_frame}")
+                             f"{tokens_per_frame}")
         if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:
             raise ValueError("cache mode cannot recompute under gradient checkpointing (the cache changes before "
                              "the backward pass); disable model.gradient_checkpointing for KV-cached training")
-        cache.make_room()  # before a chunk's first step, so that its steps and its write see one window
+        self._make_room(cache)  # before a chunk's first step, so that its steps and its write see one window
+        state.frames, state.tokens_per_frame = x_t.shape[2], tokens_per_frame  # after any replayed writes
         cos, sin = self._window_rope(cache, x_t)
         n, s = cache.frames * cache.tokens_per_frame, x_t.shape[2] * cache.tokens_per_frame
         state.cache, state.layer, state.rope = cache, 0, (cos, sin)
@@ -314,6 +312,15 @@ class CausalWanDenoiser(WanDenoiser):
             return super().forward(x_t, t, cond, frame_offset=cache.frames, **kwargs)
         finally:
             state.cache = state.rope = state.chunk_rope = None
+
+    def _make_room(self, cache: KVCache) -> None:
+        """Fit the next chunk into the window: restart it from the recorded inputs of its last frames (re-encoding,
+        whose replayed writes are forwards of this model) or evict its oldest frames (rolling)."""
+        if cache.must_restart:
+            for written in cache.restart():
+                self._write(*written, cache)
+        else:
+            cache.make_room()
 
     def write_cache(self, x0: Tensor, cond: Conditioning, cache: KVCache, noise_level: float = 0.0,
                     generator: torch.Generator | None = None) -> None:
