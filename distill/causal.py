@@ -264,8 +264,8 @@ class CausalWanDenoiser(WanDenoiser):
     only the attention processors differ, so a checkpoint loads into either."""
 
     def __init__(self, transformer, schedule: Schedule | None = None, chunk_frames: int = 1, backend: str = "auto",
-                 coordinate_frames: int = 0):
-        super().__init__(transformer, schedule, coordinate_frames)
+                 coordinate_frames: int = 0, offset_frames: int = 0):
+        super().__init__(transformer, schedule, coordinate_frames, offset_frames)
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         if transformer.config.patch_size[0] != 1:
@@ -279,7 +279,8 @@ class CausalWanDenoiser(WanDenoiser):
     @classmethod
     def from_bidirectional(cls, model: WanDenoiser, chunk_frames: int, backend: str = "auto") -> "CausalWanDenoiser":
         """The causal twin of ``model``, sharing its transformer (copy ``model`` first to keep it bidirectional)."""
-        return cls(model.transformer, model.schedule, chunk_frames, backend, model.coordinate_frames)
+        return cls(model.transformer, model.schedule, chunk_frames, backend, model.coordinate_frames,
+                   model.offset_frames)
 
     def _tokens_per_frame(self, x: Tensor) -> int:
         _, p_h, p_w = self.config.patch_size
@@ -465,19 +466,19 @@ def chunk_steps(batch: int, frames: int, chunk_frames: int, steps: int, generato
 
 
 def make_causal_student(model: WanDenoiser, chunk_frames: int, init: str = "") -> CausalWanDenoiser:
-    """A trainable causal copy of a (bidirectional) Wan teacher, with the weights of the trained model directory
-    ``init`` when given (CausVid starts causal DMD from the ODE-regression student)."""
+    """A trainable causal copy of a (bidirectional) Wan teacher, or the trained model directory ``init`` when given
+    (CausVid starts causal DMD from the ODE-regression student). The student takes ``init``'s inputs: a teacher of
+    long-video windows (an offset channel) distils a student that, like every streaming student, has none."""
     if not isinstance(model, WanDenoiser):
         raise ValueError(f"causal students need a Wan teacher (diffusers WanTransformer3DModel), got "
                          f"{type(model).__name__}")
-    student = make_student(model)
-    if init:
-        trained = WanDenoiser.from_pretrained(init)
-        if trained.coordinate_frames != model.coordinate_frames:
-            raise ValueError(f"student.init {init} has coordinate_frames = {trained.coordinate_frames}, the teacher "
-                             f"{model.coordinate_frames}: initialise from a model trained from this teacher")
-        student.transformer.load_state_dict(trained.transformer.state_dict())
-    return CausalWanDenoiser.from_bidirectional(student, chunk_frames)
+    if not init:
+        return CausalWanDenoiser.from_bidirectional(make_student(model), chunk_frames)
+    trained = WanDenoiser.from_pretrained(init, schedule=model.schedule)
+    if trained.coordinate_frames != model.coordinate_frames:
+        raise ValueError(f"student.init {init} has coordinate_frames = {trained.coordinate_frames}, the teacher "
+                         f"{model.coordinate_frames}: initialise from a model trained from this teacher")
+    return CausalWanDenoiser.from_bidirectional(trained.requires_grad_(True).train(), chunk_frames)
 
 
 def causal_description(student, data) -> dict:

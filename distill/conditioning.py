@@ -13,7 +13,8 @@ class Conditioning:
     """A batch of conditions. ``text`` is ``[B, L, D]``; masks are ``[B, L]`` (True = real token).
 
     ``negative_text`` is the unconditional/negative context used by classifier-free guidance;
-    ``image`` holds image latents for image-to-video models.
+    ``image`` holds image latents for image-to-video models; ``frame_offset`` (``[B]``) is where in a long video
+    each sample's clip starts, for models that read it (``WanDenoiser.offset_frames``; None: at its start).
     """
 
     text: Tensor
@@ -21,6 +22,7 @@ class Conditioning:
     negative_text: Tensor | None = None
     negative_mask: Tensor | None = None
     image: Tensor | None = None
+    frame_offset: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.text.ndim != 3:
@@ -31,6 +33,9 @@ class Conditioning:
                 raise ValueError(f"Conditioning.{name} must be [B, L], got shape {tuple(mask.shape)}")
         if self.negative_text is not None and self.negative_text.shape[0] != self.text.shape[0]:
             raise ValueError(f"negative_text batch {self.negative_text.shape[0]} != text batch {self.text.shape[0]}")
+        if self.frame_offset is not None and tuple(self.frame_offset.shape) != (self.text.shape[0],):
+            raise ValueError(f"Conditioning.frame_offset must be [B] = ({self.text.shape[0]},), got shape "
+                             f"{tuple(self.frame_offset.shape)}")
 
     def __len__(self) -> int:
         return self.text.shape[0]
@@ -64,8 +69,9 @@ class Conditioning:
         if negative.shape[1:] != text.shape[1:]:
             raise ValueError(f"negative_text {tuple(negative.shape)} must match text {tuple(text.shape)} "
                              "(encode both with the same max_length)")
-        image = None if self.image is None else torch.cat([self.image, self.image])
-        return Conditioning(text=torch.cat([text, negative]), image=image)
+        doubled = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
+        return Conditioning(text=torch.cat([text, negative]), image=doubled(self.image),
+                            frame_offset=doubled(self.frame_offset))
 
 
 @dataclass

@@ -29,6 +29,9 @@ class ModelConfig:
     # > 0: give the model (x, y, frame) coordinate input channels, the frame scaled to this many frames; a loaded
     # model without them gets them zero-initialised (it is unchanged until trained)
     coordinates: int = 0
+    # > 0: give the model the clip-offset input channel (where in a long video the clip starts, scaled to this many
+    # frames; teachers.wan.offset_channel), zero-initialised on a model without it: a teacher of long-video windows
+    offsets: int = 0
 
 
 @dataclass
@@ -49,6 +52,7 @@ class DataConfig:
     batch_size: int = 8
     num_samples: int = 100_000  # size of the synthetic dataset (its index space)
     pool: int = 0  # > 0: render and encode this many synthetic clips once, on the device, and draw from them
+    max_offset: int = 0  # synthetic: > 0 draws half the clips from later in their long videos (MovingShapes)
     negative_prompt: str = ""  # the unconditional context for CFG
     on_error: str = "warn"  # corrupt shards: "warn" (skip and count) or "raise"
 
@@ -292,6 +296,15 @@ def validate(job: JobConfig, where: str = "job") -> JobConfig:
         raise ConfigError(f"{where}: model.coordinates > 0 with lora.rank > 0 would add the coordinate weights to the "
                           "frozen base, where they stay zero; train them in full (lora.rank = 0). A base that has "
                           "coordinate channels already keeps them with model.coordinates = 0")
+    if job.model.offsets < 0 or job.data.max_offset < 0:
+        raise ConfigError(f"{where}: model.offsets and data.max_offset must be >= 0")
+    if job.data.max_offset and (job.data.kind != "synthetic" or not job.model.offsets):
+        raise ConfigError(f"{where}: data.max_offset > 0 draws synthetic clips from later in their videos, which a "
+                          "model tells apart only by the offset channel: needs data.kind = 'synthetic' and "
+                          "model.offsets > 0")
+    if job.model.offsets and job.lora.rank:
+        raise ConfigError(f"{where}: model.offsets > 0 with lora.rank > 0 would add the offset weights to the frozen "
+                          "base, where they stay zero; train them in full (lora.rank = 0)")
     if job.method.weights.get("regression", 0.0) > 0 and job.data.kind != "ode_pairs":
         raise ConfigError(f"{where}: method.weights.regression > 0 regresses onto teacher ODE pairs: set data.kind = "
                           "'ode_pairs' (shards from `distill ode-pairs`)")

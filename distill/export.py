@@ -20,7 +20,7 @@ from pathlib import Path
 from distill.attention.spec import SAVED_NAME
 from distill.lora import LORA_FILE, LORA_META, is_lora_model, load_student
 from distill.schedule import schedule_from_dict
-from teachers.wan import COORDINATE_CHANNELS, INPUTS_FILE, saved_coordinate_frames
+from teachers.wan import COORDINATE_CHANNELS, INPUTS_FILE, saved_inputs
 
 FORMATS = ("diffusers", "lora")
 
@@ -45,8 +45,8 @@ def export_diffusers(model_dir: str | Path, out_dir: str | Path) -> Path:
     if type(schedule).__name__ != "FlowMatching":
         raise ValueError(f"{model_dir}: only flow-matching models export to diffusers' FlowMatchEuler scheduler")
     (out / "transformer").mkdir(parents=True, exist_ok=True)
-    coordinate_frames = saved_coordinate_frames(model_dir)
-    inputs = [model_dir / INPUTS_FILE] if coordinate_frames else []
+    extra_inputs = saved_inputs(model_dir)
+    inputs = [model_dir / INPUTS_FILE] if any(extra_inputs.values()) else []
     for path in [model_dir / "config.json", model_dir / "schedule.json", *inputs, *weights]:
         shutil.copy2(path, out / "transformer" / path.name)
     times = method.get("timesteps")
@@ -58,7 +58,7 @@ def export_diffusers(model_dir: str | Path, out_dir: str | Path) -> Path:
     (out / "method.json").write_text(json.dumps(method, indent=1))
     if (model_dir / SAVED_NAME).is_file():  # a sparse student keeps the attention it was trained with
         shutil.copy2(model_dir / SAVED_NAME, out / SAVED_NAME)
-    (out / "README.md").write_text(_model_card(method, schedule.shift, times, coordinate_frames=coordinate_frames))
+    (out / "README.md").write_text(_model_card(method, schedule.shift, times, **extra_inputs))
     return out
 
 
@@ -80,7 +80,7 @@ def export_lora(model_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def _model_card(method: dict, shift: float, times: list[float] | None, lora_of: dict | None = None,
-                coordinate_frames: int = 0) -> str:
+                coordinate_frames: int = 0, offset_frames: int = 0) -> str:
     name = method.get("method", "flow")
     if times is None:
         sampling = "Sample it like its teacher: Euler steps with classifier-free guidance (50 steps is the reference)."
@@ -103,6 +103,10 @@ def _model_card(method: dict, shift: float, times: list[float] | None, lora_of: 
   height, and the frame, each in [-1, 1], the frame `i` at `i / ({coordinate_frames} - 1) * 2 - 1` capped at 1
   (scaled to the {coordinate_frames}-frame training clip; `transformer/{INPUTS_FILE}`). A stock `WanPipeline`
   does not add them."""
+    if offset_frames:
+        inputs += f"""
+- then one more channel, constant over the clip: where the clip starts in its long video, in frames / {offset_frames}
+  (`teachers.wan.offset_channel`; 0 for a video's opening)."""
     return f"""# Exported by fewstep-distill
 
 - training method: `{name}`

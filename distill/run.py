@@ -23,26 +23,40 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_model(job: JobConfig, dtype: torch.dtype = torch.float32) -> Denoiser:
-    """The job's model (a teacher to train or to distil) with the job's schedule, and with coordinate input channels
-    when ``model.coordinates`` asks for them (zero-initialised if the loaded model has none)."""
+    """The job's model (a teacher to train or to distil) with the job's schedule, and with coordinate and clip-offset
+    input channels when ``model.coordinates`` and ``model.offsets`` ask for them (zero-initialised where the loaded
+    model has none)."""
     from teachers.wan import WanDenoiser
 
     schedule = make_schedule(job.schedule.kind, shift=job.schedule.shift)
     source = job.model.config or job.model.source or None  # shipped families (tiny) need no source
     model = teachers.load(job.model.family, source, schedule=schedule, dtype=dtype)
-    frames = job.model.coordinates
-    if not frames:
-        return model
-    if not isinstance(model, WanDenoiser):
-        raise ConfigError(f"model.coordinates = {frames}: coordinate input channels exist for Wan models only, "
-                          f"family {job.model.family!r} is a {type(model).__name__}")
-    if not model.coordinate_frames:
-        return model.with_coordinates(frames)
-    if model.coordinate_frames != frames:
-        raise ConfigError(f"model.coordinates = {frames}, but the loaded model's coordinate channels scale the frame "
-                          f"to {model.coordinate_frames} frames; set model.coordinates = {model.coordinate_frames} "
-                          "(or 0: a model keeps the channels it has)")
+    for key, attribute, widen in (("coordinates", "coordinate_frames", "with_coordinates"),
+                                  ("offsets", "offset_frames", "with_offsets")):
+        frames = getattr(job.model, key)
+        if not frames:
+            continue
+        if not isinstance(model, WanDenoiser):
+            raise ConfigError(f"model.{key} = {frames}: extra input channels exist for Wan models only, "
+                              f"family {job.model.family!r} is a {type(model).__name__}")
+        has = getattr(model, attribute)
+        if not has:
+            model = getattr(model, widen)(frames)
+        elif has != frames:
+            raise ConfigError(f"model.{key} = {frames}, but the loaded model's channels are scaled to {has} frames; "
+                              f"set model.{key} = {has} (or 0: a model keeps the channels it has)")
     return model
+
+
+def generator_skeleton(job: JobConfig) -> Denoiser:
+    """A model of the generator's architecture to export its weights with: the student's ``init`` where it starts
+    from one (its inputs may differ from the teacher's: ``distill.causal.make_causal_student``), else the job's
+    model."""
+    if not (job.student.causal and job.student.init):
+        return build_model(job)
+    from teachers.wan import WanDenoiser
+
+    return WanDenoiser.from_pretrained(job.student.init, make_schedule(job.schedule.kind, shift=job.schedule.shift))
 
 
 def build_networks(job: JobConfig, method: Method, device: torch.device) -> tuple[Networks, Networks]:
@@ -84,7 +98,7 @@ def train(job: JobConfig) -> Path:
 
         save_lora_model(out, weights, job, DTYPES[job.output.dtype])
     elif dist.get_rank() == 0:
-        generator = build_model(job)
+        generator = generator_skeleton(job)
         generator.load_state_dict(weights)
         generator.save_pretrained(out, dtype=DTYPES[job.output.dtype])
     if dist.get_rank() == 0:

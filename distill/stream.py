@@ -353,6 +353,9 @@ def generator_from_model_dir(model_dir: str | Path, cache_frames: int = 0, sink_
         raise ValueError(f"{method_file}: not a causal few-step student (needs 'causal' and 'timesteps'); train one "
                          "with [student] causal = true")
     model = WanDenoiser.from_pretrained(model_dir)
+    if model.offset_frames:
+        raise ValueError(f"{model_dir}: a model with a clip-offset input channel (a long-video teacher) does not "
+                         "stream; streaming students start from the video's opening and have none")
     chunk = causal["chunk_frames"]
     sink_frames = causal.get("sink_frames", 0) if sink_frames is None else sink_frames
     config = StreamingConfig(

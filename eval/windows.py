@@ -23,6 +23,7 @@ from distill.text import TextEncoder
 from eval.evaluate import Sampler, eval_prompts, evaluate, generate, load_sampler, trained_method, training_record
 from eval.probe import REFERENCE_SEED, Probe, attribute_accuracy, fvd_probe, real_videos
 from eval.results import write_results
+from teachers.wan import saved_inputs
 
 
 def causal_sampler(generator: StreamingGenerator) -> Sampler:
@@ -33,6 +34,19 @@ def causal_sampler(generator: StreamingGenerator) -> Sampler:
         cache = model.new_cache(noise.shape[0], noise.shape[3], noise.shape[4], cfg.cache_frames, cfg.sink_frames,
                                 cfg.reencode_frames)
         return stream_sample(model, noise, cond, cfg.timesteps, cache=cache, context_noise=cfg.context_noise)
+
+    return sample
+
+
+def at_offset(sampler: Sampler, frame_offset: int) -> Sampler:
+    """``sampler`` making the clip that starts ``frame_offset`` frames into the video (for a teacher of long-video
+    windows, ``teachers.wan.offset_channel``; the clip itself at 0)."""
+    if not frame_offset:
+        return sampler
+
+    def sample(cond: Conditioning, noise: Tensor) -> Tensor:
+        offsets = torch.full((len(cond),), frame_offset, device=cond.text.device)
+        return sampler(replace(cond, frame_offset=offsets), noise)
 
     return sample
 
@@ -158,16 +172,20 @@ def main(argv: list[str] | None = None) -> None:
                                                                                  args.frames, args.windows)]
     for row in rows:
         report("real", row)
-    baselines = [("teacher", "flow", args.teacher_steps,
-                  load_sampler(args.teacher, device, args.guidance, args.teacher_steps))] if args.teacher_steps else []
+    baselines = []
+    if args.teacher_steps:
+        teacher = load_sampler(args.teacher, device, args.guidance, args.teacher_steps)
+        reads_offsets = args.teacher != "tiny" and saved_inputs(args.teacher)["offset_frames"] > 0
+        baselines += [("teacher", "flow", args.teacher_steps, k, at_offset(teacher, k * args.frames))
+                      for k in (args.windows if reads_offsets else [0])]
     if args.bidirectional:
         trained = trained_method(args.bidirectional)
-        baselines.append(("bidirectional", trained["method"], len(trained["timesteps"]),
+        baselines.append(("bidirectional", trained["method"], len(trained["timesteps"]), 0,
                           load_sampler(args.bidirectional, device, args.guidance)))
-    for model, method, steps, sampler in baselines:
-        result = evaluate(sampler, probe, encoder, args.num, device, *shape, args.batch_size, real_features=real[0])
+    for model, method, steps, k, sampler in baselines:
+        result = evaluate(sampler, probe, encoder, args.num, device, *shape, args.batch_size, real_features=real[k])
         drift = drift_measures(result.pop("videos"))
-        rows.append({"model": model, "method": method, "steps": steps, "window": 0, **result, **drift})
+        rows.append({"model": model, "method": method, "steps": steps, "window": k, **result, **drift})
         report(model, rows[-1])
     for spec in args.causal:
         name, _, path = spec.partition("=")
@@ -196,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
              "shape_speed: the shapes' mean centroid step in pixels per frame (eval.windows.shape_speed); grain: "
              "the background pixels' mean distance from their frame's median colour (eval.windows.grain). "
              f"The teacher ({args.teacher_steps} Euler steps, guidance {args.guidance}) and the bidirectional student "
-             "generate one training-length clip (window 0 only). first_chunk_latency_s and fps: batch 1, identity "
+             "generate one training-length clip (window 0 only; a teacher of long-video windows, with an offset "
+             "channel, makes window k from its offset). first_chunk_latency_s and fps: batch 1, identity "
              "decoder (pixel space), after a warm-up stream; fps counts chunks after the first. sec_per_video: the "
              "whole long video, batched.")
     write_results(args.out, rows, device, notes)

@@ -10,14 +10,15 @@ distillation, CausVid, Yin et al. 2025), in two ways of making the student's sam
   so errors do not accumulate at test time. With ``student.rollout_frames`` the rollout runs past the training
   length through the rolling KV window of inference, and each training-length window of it is one sample of the
   loss (Self-Forcing++, Cui et al. 2025): the teacher, which only knows training-length clips, corrects the
-  windows a long stream drifts into.
+  windows a long stream drifts into; a teacher trained on windows of long videos (an offset channel) scores each
+  window as the window of the video it is.
 
 The critic (fake score) stays bidirectional like the teacher; the loss terms are :class:`losses.dmd.DMDMethod`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -72,8 +73,16 @@ class CausalDMDMethod(DMDMethod):
         return {**super().describe(), "causal": causal_description(self.student, self.data)}
 
     def loss(self, role: str, nets: Networks, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Logs]:
-        """DMD's loss on every window of every rollout: the batch's conditions repeated once per window."""
-        return super().loss(role, nets, batch.repeat(self.windows), generator)
+        """DMD's loss on every window of every rollout: the batch's conditions repeated once per window, with the
+        window's place in its rollout as its frame offset (which a teacher of long-video windows, and the critic
+        copied from it, read: ``teachers.wan.offset_channel``; other models ignore it)."""
+        n = self.windows
+        if n == 1:
+            return super().loss(role, nets, batch, generator)
+        windows = batch.repeat(n)
+        offsets = (torch.arange(n) * self.data.frames).repeat(len(batch.cond)).to(batch.cond.text.device)
+        windows = replace(windows, cond=replace(windows.cond, frame_offset=offsets))
+        return super().loss(role, nets, windows, generator)
 
     def sample(self, student: Denoiser, batch: Batch, generator: torch.Generator, grad: bool) -> Tensor:
         """``x0`` of the (repeated, :meth:`loss`) batch: one rollout per prompt, split into its windows."""

@@ -5,7 +5,7 @@ It trains teachers, and the fake-score critic of DMD on the generator's samples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -32,8 +32,7 @@ def drop_text(cond: Conditioning, probability: float, generator: torch.Generator
     drop = torch.rand(len(cond), generator=generator, device=generator.device) < probability
     drop = drop.to(cond.text.device)
     text = torch.where(drop.view(-1, 1, 1), cond.masked_text(negative=True), cond.masked_text())
-    return Conditioning(text=text, negative_text=cond.negative_text, negative_mask=cond.negative_mask,
-                        image=cond.image)
+    return replace(cond, text=text, text_mask=None)
 
 
 @dataclass

@@ -33,14 +33,16 @@ WAN_PRESETS: dict[str, dict[str, Any]] = {
 _PRESET_SHIFT = {"wan2.1-t2v-1.3b": 3.0, "wan2.1-t2v-14b": 5.0, "tiny-random": 1.0}
 
 
-INPUTS_FILE = "inputs.json"  # {"coordinate_frames": N} beside a saved model that has coordinate channels
+INPUTS_FILE = "inputs.json"  # {"coordinate_frames": N, "offset_frames": M} beside a saved model with extra inputs
 COORDINATE_CHANNELS = 3  # x, y, frame
 
 
-def saved_coordinate_frames(directory: str | Path) -> int:
-    """The ``coordinate_frames`` recorded beside a saved transformer (its ``inputs.json``), 0 when it has none."""
+def saved_inputs(directory: str | Path) -> dict[str, int]:
+    """The extra inputs recorded beside a saved transformer (its ``inputs.json``): ``coordinate_frames`` and
+    ``offset_frames``, 0 where it has none."""
     file = Path(directory) / INPUTS_FILE
-    return json.loads(file.read_text())["coordinate_frames"] if file.is_file() else 0
+    saved = json.loads(file.read_text()) if file.is_file() else {}
+    return {key: int(saved.get(key, 0)) for key in ("coordinate_frames", "offset_frames")}
 
 
 def coordinate_channels(batch: int, frames: int, height: int, width: int, reference_frames: int,
@@ -63,6 +65,18 @@ def coordinate_channels(batch: int, frames: int, height: int, width: int, refere
     return grid.to(dtype or torch.get_default_dtype()).unsqueeze(0).expand(batch, -1, -1, -1, -1)
 
 
+def offset_channel(frame_offset: Tensor | None, like: Tensor, offset_frames: int) -> Tensor:
+    """Where each clip of ``like`` (``[B, C, T, H, W]``) starts in its long video, as one constant input channel
+    ``frame_offset / offset_frames`` (``[B, 1, T, H, W]``; None: every clip at its video's start, 0). With it a
+    teacher trained on windows of long videos knows which window it makes: in the tiny domain the prompt states the
+    initial heading, which a later window no longer shows once the shape has bounced."""
+    B, _, T, H, W = like.shape
+    if frame_offset is None:
+        return like.new_zeros(B, 1, T, H, W)
+    value = frame_offset.to(like.device, like.dtype) / offset_frames
+    return value.view(B, 1, 1, 1, 1).expand(B, 1, T, H, W)
+
+
 class _FeaturesReady(Exception):
     """Raised by the hook of :meth:`WanDenoiser.features` to end the forward early."""
 
@@ -74,29 +88,34 @@ class WanDenoiser(Denoiser):
 
     ``coordinate_frames = N > 0``: the transformer's ``in_channels`` are the latent channels followed by three
     :func:`coordinate_channels` (frame scaled to ``N``, the training clip length), which :meth:`forward` appends;
-    callers pass latents only. 0: none (a stock Wan transformer).
+    callers pass latents only. 0: none (a stock Wan transformer). ``offset_frames = M > 0``: one more channel after
+    them, :func:`offset_channel` (the clip's ``cond.frame_offset`` scaled to ``M``).
     """
 
     def __init__(self, transformer: WanTransformer3DModel, schedule: Schedule | None = None,
-                 coordinate_frames: int = 0):
+                 coordinate_frames: int = 0, offset_frames: int = 0):
         super().__init__(schedule or FlowMatching())
         if coordinate_frames < 0 or coordinate_frames == 1:
             raise ValueError(f"coordinate_frames must be 0 (none) or the training clip length >= 2, "
                              f"got {coordinate_frames}")
-        if coordinate_frames and transformer.config.in_channels <= COORDINATE_CHANNELS:
-            raise ValueError(f"coordinate_frames = {coordinate_frames} needs in_channels = latent channels + "
-                             f"{COORDINATE_CHANNELS} coordinate channels (>= {COORDINATE_CHANNELS + 1}), this "
+        if offset_frames < 0:
+            raise ValueError(f"offset_frames must be 0 (none) or > 0, got {offset_frames}")
+        extra = (COORDINATE_CHANNELS if coordinate_frames else 0) + (1 if offset_frames else 0)
+        if transformer.config.in_channels <= extra:
+            raise ValueError(f"coordinate_frames = {coordinate_frames} and offset_frames = {offset_frames} need "
+                             f"in_channels = latent channels + {extra} input channels (>= {extra + 1}), this "
                              f"transformer has in_channels = {transformer.config.in_channels}")
         self.transformer = transformer
-        self.coordinate_frames = coordinate_frames
+        self.coordinate_frames, self.offset_frames = coordinate_frames, offset_frames
+
+    @property
+    def latent_channels(self) -> int:
+        extra = (COORDINATE_CHANNELS if self.coordinate_frames else 0) + (1 if self.offset_frames else 0)
+        return self.config.in_channels - extra
 
     @property
     def config(self):
         return self.transformer.config
-
-    @property
-    def latent_channels(self) -> int:
-        return self.config.in_channels - (COORDINATE_CHANNELS if self.coordinate_frames else 0)
 
     def _timestep(self, t: Tensor, x_t: Tensor) -> Tensor:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
@@ -121,10 +140,13 @@ class WanDenoiser(Denoiser):
                              f"T/H/W divisible by patch size {tuple(self.config.patch_size)}")
         dtype = self.transformer.patch_embedding.weight.dtype  # what the first layer takes; diffusers' `dtype` walks
         # every module on each call (about 1 ms of Python per forward)
-        hidden = x_t
+        inputs = [x_t]
         if self.coordinate_frames:
-            hidden = torch.cat([x_t, coordinate_channels(x_t.shape[0], frames, height, width, self.coordinate_frames,
-                                                         frame_offset, x_t.device, x_t.dtype)], dim=1)
+            inputs.append(coordinate_channels(x_t.shape[0], frames, height, width, self.coordinate_frames,
+                                              frame_offset, x_t.device, x_t.dtype))
+        if self.offset_frames:
+            inputs.append(offset_channel(cond.frame_offset, x_t, self.offset_frames))
+        hidden = torch.cat(inputs, dim=1) if len(inputs) > 1 else x_t
         out = self.transformer(
             hidden_states=hidden.to(dtype),
             timestep=self._timestep(t, x_t),
@@ -190,9 +212,23 @@ class WanDenoiser(Denoiser):
         teacher trained without coordinates is fine-tuned with them. This model is left as it is."""
         if self.coordinate_frames:
             raise ValueError(f"this model has coordinate channels already (frame scaled to {self.coordinate_frames})")
+        if self.offset_frames:
+            raise ValueError("add coordinate channels before the offset channel (they come first in the inputs)")
+        return WanDenoiser(self._widened(COORDINATE_CHANNELS), self.schedule, coordinate_frames=frames)
+
+    def with_offsets(self, frames: int) -> "WanDenoiser":
+        """A copy of this model with the clip-offset input channel (:func:`offset_channel`, scaled to ``frames``),
+        zero-initialised like :meth:`with_coordinates`: at offset 0 it is this model whatever training does to that
+        channel's weights. How the tiny teacher learns windows of long videos (``data.max_offset``)."""
+        if self.offset_frames:
+            raise ValueError(f"this model has an offset channel already (scaled to {self.offset_frames})")
+        return WanDenoiser(self._widened(1), self.schedule, self.coordinate_frames, offset_frames=frames)
+
+    def _widened(self, channels: int) -> WanTransformer3DModel:
+        """A copy of the transformer taking ``channels`` more inputs, their patch-embedding weights zero."""
         transformer = copy.deepcopy(self.transformer)
         old = transformer.patch_embedding
-        new = torch.nn.Conv3d(old.in_channels + COORDINATE_CHANNELS, old.out_channels, old.kernel_size, old.stride,
+        new = torch.nn.Conv3d(old.in_channels + channels, old.out_channels, old.kernel_size, old.stride,
                               bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
         with torch.no_grad():
             new.weight.zero_()[:, :old.in_channels] = old.weight
@@ -202,7 +238,7 @@ class WanDenoiser(Denoiser):
         # out_channels explicitly: a config without it would otherwise follow in_channels
         transformer.register_to_config(in_channels=new.in_channels,
                                        out_channels=self.config.out_channels or self.config.in_channels)
-        return WanDenoiser(transformer, self.schedule, coordinate_frames=frames)
+        return transformer
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """A diffusers transformer directory (config + safetensors) plus ``schedule.json`` and, for a model with
@@ -217,8 +253,10 @@ class WanDenoiser(Denoiser):
                 old.unlink()
             save_file(state, str(path / "diffusion_pytorch_model.safetensors"))
         (path / "schedule.json").write_text(json.dumps(schedule_to_dict(self.schedule), indent=1))
-        if self.coordinate_frames:
-            (path / INPUTS_FILE).write_text(json.dumps({"coordinate_frames": self.coordinate_frames}, indent=1))
+        inputs = {k: v for k, v in (("coordinate_frames", self.coordinate_frames),
+                                    ("offset_frames", self.offset_frames)) if v}
+        if inputs:
+            (path / INPUTS_FILE).write_text(json.dumps(inputs, indent=1))
         else:
             (path / INPUTS_FILE).unlink(missing_ok=True)  # a stale one from an earlier save into this directory
         return path
@@ -251,7 +289,7 @@ class WanDenoiser(Denoiser):
         if schedule is None and (path / "schedule.json").is_file():
             schedule = schedule_from_dict(json.loads((path / "schedule.json").read_text()))
         transformer = WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-        return cls(transformer, schedule, saved_coordinate_frames(path))
+        return cls(transformer, schedule, **saved_inputs(path))
 
     @classmethod
     def load(cls, source: str | Path | dict[str, Any], schedule: Schedule | None = None,

@@ -248,3 +248,45 @@ def test_grain_measures_the_background_noise_and_not_the_shape():
     assert grain(video) == 0.0
     noisy = video + 0.05 * torch.randn(video.shape, generator=torch.Generator().manual_seed(0))
     assert grain(noisy) == pytest.approx(3 * 0.05 * (2 / math.pi) ** 0.5, rel=0.1)  # E|noise| on 3 channels
+
+
+def test_a_teacher_of_long_video_windows_scores_each_rollout_window_at_its_offset(tmp_path, monkeypatch):
+    """The long-video teacher end to end at toy size: flow matching on synthetic windows (``data.max_offset``)
+    trains its offset channel; causal DMD with it as the real score gives every window of a self-forcing rollout
+    its offset (teacher and critic), while the student, started from a model without the channel, stays without
+    it; eval.windows makes the teacher's window k at its offset."""
+    import teachers.wan
+    from eval.windows import main as windows_main
+    from teachers.wan import saved_inputs
+
+    flow_job = Path(__file__).parent / "jobs" / "tiny_flow.toml"
+    with pytest.raises(ConfigError, match="needs data.kind = 'synthetic' and model.offsets > 0"):
+        load_job(flow_job, ["data.max_offset=8"])
+    teacher = train(load_job(flow_job, [f"output.dir='{tmp_path / 'teacher'}'", "model.offsets=8",
+                                        "data.max_offset=8", "data.batch_size=8", "train.steps=2", "optim.lr=1e-2"]))
+    assert saved_inputs(teacher) == {"coordinate_frames": 0, "offset_frames": 8}
+    weight = WanDenoiser.from_pretrained(teacher).transformer.patch_embedding.weight
+    assert weight[:, 3:].abs().sum() > 0  # trained: some clips came from later in their videos
+
+    seen = []
+    real_channel = teachers.wan.offset_channel
+
+    def recorded(frame_offset, like, offset_frames):
+        seen.append(None if frame_offset is None else frame_offset.tolist())
+        return real_channel(frame_offset, like, offset_frames)
+
+    monkeypatch.setattr(teachers.wan, "offset_channel", recorded)
+    init = build_model(load_job(flow_job)).save_pretrained(tmp_path / "init")  # in the place of a regression student
+    student = train(load_job(JOB, [f"output.dir='{tmp_path / 'sf'}'", "model.family='wan'", f"model.source='{teacher}'",
+                                   "data.height=32", "data.width=32", f"student.init='{init}'",
+                                   "student.mode='self_forcing'", "student.rollout_frames=8"]))
+    assert seen and all(offsets == [0, 4] * (len(offsets) // 2) for offsets in seen)  # 2 prompts x 2 windows
+    assert any(len(offsets) == 8 for offsets in seen)  # the teacher's guided batch keeps them
+    assert saved_inputs(student)["offset_frames"] == 0 and WanDenoiser.from_pretrained(student).config.in_channels == 3
+
+    out = tmp_path / "windows.json"
+    windows_main(["--teacher", str(teacher), "--teacher-steps", "2", "--windows", "0", "2", "--num", "4", "--frames",
+                  "4", "--device", "cpu", "--out", str(out)])
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["model"] == "teacher"]
+    assert [r["window"] for r in rows] == [0, 2] and rows[0]["fvd_probe"] != rows[1]["fvd_probe"]
+    assert [8] * 8 in seen  # window 2 of 4-frame clips starts at frame 8 (4 prompts, doubled for CFG)

@@ -243,3 +243,20 @@ def test_long_render_continues_the_clip():
     assert not torch.equal(b[:, 8:16], a)
     with pytest.raises(ValueError, match="length must be >= 8"):
         MovingShapes(4, frames=8, length=4)
+
+
+def test_offset_windows_are_later_frames_of_the_same_videos():
+    """``max_offset``: half the items are the clips themselves (as without it), the others the same videos' frames
+    ``offset`` frames later, which ``length`` renders as the continuation."""
+    plain = MovingShapes(64, frames=8, height=24, width=24, seed=5)
+    windows = MovingShapes(64, frames=8, height=24, width=24, seed=5, max_offset=12)
+    offsets = [windows[i]["offset"] for i in range(64)]
+    assert all(plain[i]["offset"] == 0 for i in range(4))
+    assert 20 < offsets.count(0) < 44 and set(offsets) - {0} <= set(range(1, 13)) and len(set(offsets)) > 6
+    for i, offset in enumerate(offsets[:16]):
+        item, clip = windows[i], plain[i]
+        assert item["caption"] == clip["caption"] and item["labels"] == clip["labels"]
+        long = MovingShapes(64, frames=8, height=24, width=24, seed=5, length=8 + offset)[i]["video"]
+        assert item["video"].shape == (3, 8, 24, 24) and torch.equal(item["video"], long[:, offset:])
+    with pytest.raises(ValueError, match="max_offset must be >= 0"):
+        MovingShapes(4, max_offset=-1)

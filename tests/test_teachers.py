@@ -1,5 +1,6 @@
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -182,6 +183,43 @@ def test_coordinates_survive_save_load_and_diffusers_export(with_coords, tmp_pat
     assert not (saved / "inputs.json").exists() and teachers.load("wan", str(saved)).coordinate_frames == 0
 
 
+def test_offset_channel_starts_as_the_model_and_reads_each_clips_offset(with_coords, tmp_path):
+    """The clip-offset channel (a teacher of long-video windows): zero-initialised, so at first the model whatever
+    the offset; once trained it tells clips apart by their ``cond.frame_offset``, per sample and through CFG's
+    doubled batch; it survives save/load and export."""
+    from distill.export import export_diffusers
+    from teachers.wan import offset_channel
+
+    windows = with_coords.with_offsets(8)
+    assert (windows.offset_frames, windows.coordinate_frames, windows.latent_channels) == (8, 4, 3)
+    assert windows.config.in_channels == 7 and with_coords.config.in_channels == 6
+    x, t, cond = torch.randn(2, 3, 4, 8, 8), torch.tensor([0.9, 0.3]), _cond()
+    later = replace(cond, frame_offset=torch.tensor([0, 4]))
+    with torch.no_grad():
+        assert torch.equal(windows(x, t, later), with_coords(x, t, cond))
+        windows.transformer.patch_embedding.weight[:, 6:].normal_(std=0.1)
+        assert torch.equal(windows(x, t, cond), with_coords(x, t, cond))  # no offsets: every clip at 0
+        moved = windows(x, t, later)
+        assert torch.equal(moved[0], windows(x, t, cond)[0])
+        assert (moved[1] - with_coords(x, t, cond)[1]).abs().max() > 1e-3
+        guided = windows.guided(x, t, later, guidance=3.0)
+        single = windows.guided(x[:1], t[:1], later.index(slice(0, 1)), guidance=3.0)
+        torch.testing.assert_close(guided[:1], single, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(guided, windows.guided(x, t, cond, guidance=3.0))
+    assert torch.equal(offset_channel(torch.tensor([0, 4]), x, 8)[:, 0, 2, 3, 5], torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match="frame_offset must be"):
+        replace(cond, frame_offset=torch.tensor([1]))
+    with pytest.raises(ValueError, match="before the offset channel"):
+        WanDenoiser(windows.transformer, offset_frames=8).with_coordinates(4)
+    saved = windows.save_pretrained(tmp_path / "model")
+    assert json.loads((saved / "inputs.json").read_text()) == {"coordinate_frames": 4, "offset_frames": 8}
+    exported = export_diffusers(saved, tmp_path / "export")
+    for loaded in (teachers.load("wan", str(saved)), teachers.load("wan", str(exported))):
+        assert (loaded.offset_frames, loaded.coordinate_frames) == (8, 4)
+        torch.testing.assert_close(loaded(x, t, later), moved, atol=1e-6, rtol=1e-6)
+    assert "frames / 8" in (exported / "README.md").read_text()
+
+
 def test_job_model_coordinates_extend_or_match_the_loaded_model(tmp_path, monkeypatch):
     from distill.config import ConfigError, load_job
     from distill.run import build_model
@@ -196,7 +234,7 @@ def test_job_model_coordinates_extend_or_match_the_loaded_model(tmp_path, monkey
     saved = str(model.save_pretrained(tmp_path / "model"))
     assert build_model(load_job(None, [f"model.source='{saved}'", "model.coordinates=16"])).coordinate_frames == 16
     assert build_model(load_job(None, [f"model.source='{saved}'"])).coordinate_frames == 16  # kept without the key
-    with pytest.raises(ConfigError, match="scale the frame to 16 frames"):
+    with pytest.raises(ConfigError, match="scaled to 16 frames"):
         build_model(load_job(None, [f"model.source='{saved}'", "model.coordinates=8"]))
     monkeypatch.setitem(teachers.REGISTRY, "other", lambda source, schedule=None, dtype=None: torch.nn.Identity())
     with pytest.raises(ConfigError, match="Wan models only"):

@@ -32,7 +32,8 @@ class BatchSource:
         self._stream: Iterator[dict] | None = None
         self._next = 0
         if data.kind == "synthetic":
-            self.synthetic = MovingShapes(data.num_samples, data.frames, data.height, data.width, seed=seed)
+            self.synthetic = MovingShapes(data.num_samples, data.frames, data.height, data.width, seed=seed,
+                                          max_offset=data.max_offset)
             self._pool = self._render_pool(data.pool) if data.pool else None
 
     def _render_pool(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
@@ -49,14 +50,16 @@ class BatchSource:
             raise ValueError("these batches need text embeddings: give BatchSource a text encoder")
         return self.text_encoder.encode(captions)
 
-    def _conditioning(self, text: torch.Tensor, mask: torch.Tensor) -> Conditioning:
+    def _conditioning(self, text: torch.Tensor, mask: torch.Tensor,
+                      frame_offset: torch.Tensor | None = None) -> Conditioning:
         if self._negative is None:
             negative = self._precomputed_negative() or self._encode([self.data.negative_prompt])
             self._negative = tuple(x.to(self.device) for x in negative)
         neg, neg_mask = self._negative
         batch = text.shape[0]
         return Conditioning(text.to(self.device), mask.to(self.device), neg.expand(batch, -1, -1),
-                            neg_mask.expand(batch, -1))
+                            neg_mask.expand(batch, -1),
+                            frame_offset=None if frame_offset is None else frame_offset.to(self.device))
 
     def _precomputed_negative(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``negative.safetensors`` (``text_emb`` ``[1, L, D]``, ``text_mask`` ``[1, L]``) beside shards whose
@@ -78,7 +81,8 @@ class BatchSource:
             items = [self.synthetic[int(i)] for i in rng.integers(len(self.synthetic), size=self.data.batch_size)]
             videos = torch.stack([item["video"] for item in items]).to(self.device)
             text, mask = self._encode([item["caption"] for item in items])
-        return Batch(videos, self._conditioning(text, mask), [item["caption"] for item in items],
+        offsets = torch.tensor([item["offset"] for item in items]) if self.data.max_offset else None
+        return Batch(videos, self._conditioning(text, mask, offsets), [item["caption"] for item in items],
                      [item["labels"] for item in items])
 
     def _shard(self, n: int) -> Batch:

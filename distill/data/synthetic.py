@@ -292,7 +292,14 @@ def render(
     clip: the real counterpart of a video streamed beyond the training length, whose first ``frames`` are the clip.
     """
     start = sample_start(labels, frames, height, width, rng)
-    return _rasterise(labels, trajectory(labels, start, length or frames, height, width), height, width)
+    return render_from(labels, start, length or frames, height, width)
+
+
+def render_from(labels: Mapping[str, str], start: Start, length: int, height: int, width: int,
+                offset: int = 0) -> torch.Tensor:
+    """Frames ``offset .. offset + length - 1`` of the video that starts at ``start`` (see :func:`render`)."""
+    centres = trajectory(labels, start, offset + length, height, width)[offset:]
+    return _rasterise(labels, centres, height, width)
 
 
 def caption(labels: Mapping[str, str], rng: np.random.Generator) -> str:
@@ -309,15 +316,21 @@ def caption(labels: Mapping[str, str], rng: np.random.Generator) -> str:
 
 class MovingShapes(torch.utils.data.Dataset):
     """``num`` clips where item ``i`` depends only on ``(seed, i)``: reproducible across workers and runs.
-    ``length > frames`` continues each clip's motion to ``length`` frames (see :func:`render`)."""
+    ``length > frames`` continues each clip's motion to ``length`` frames (see :func:`render`).
+
+    ``max_offset > 0``: windows of long videos. Half the items are the clip itself (offset 0), the others the
+    ``frames`` frames that follow ``offset`` frames later in the same video, ``offset`` uniform in
+    ``1 .. max_offset``; the item's ``offset`` says which (its caption still describes the video's opening). A
+    teacher trained on them with the offset as input knows later windows (``teachers.wan.offset_channel``)."""
 
     def __init__(self, num: int, frames: int = 16, height: int = 32, width: int = 32, seed: int = 0,
-                 length: int | None = None) -> None:
+                 length: int | None = None, max_offset: int = 0) -> None:
         self.num = _check_int("num", num, 1)
         _check_geometry(frames, height, width)
         self.frames, self.height, self.width = int(frames), int(height), int(width)
         self.length = _check_int("length", length, self.frames) if length is not None else self.frames
         self.seed = _check_int("seed", seed, 0)
+        self.max_offset = _check_int("max_offset", max_offset, 0)
 
     def __len__(self) -> int:
         return self.num
@@ -327,5 +340,8 @@ class MovingShapes(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for MovingShapes of length {self.num}")
         rng = np.random.default_rng([self.seed, int(index)])
         labels = sample_labels(rng)
-        video = render(labels, self.frames, self.height, self.width, rng, self.length)
-        return {"video": video, "caption": caption(labels, rng), "labels": labels, "key": f"{index:08d}"}
+        start = sample_start(labels, self.frames, self.height, self.width, rng)
+        text = caption(labels, rng)  # drawn before the offset: items without offsets are what they always were
+        offset = int(rng.integers(1, self.max_offset + 1)) if self.max_offset and rng.random() < 0.5 else 0
+        video = render_from(labels, start, self.length, self.height, self.width, offset)
+        return {"video": video, "caption": text, "labels": labels, "key": f"{index:08d}", "offset": offset}
