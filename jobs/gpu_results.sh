@@ -187,23 +187,24 @@ case "${1:-}" in
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal r16_lr5e-5=$R/r16_lr5e-5/model \
       --causal r16_lr1e-4=$R/r16_lr1e-4/model --causal r48_lr5e-5=$R/r48_lr5e-5/model --windows 0 1 4 --num $NUM \
       --device cuda --out eval/results/causal_tiny_reencode_lr.json ;;
-  causal_long_teacher)  # three calls on one warm machine: the teacher of long-video windows beside causal_init, the
-                        # one-clip self-forcing student beside the new teacher's windows, then self-forcing rollouts
-                        # of 48 and 80 frames scored by it, and of 48 by the shipped teacher (the control), side by
-                        # side from that student; causal_tiny_long_teacher
+  causal_long_teacher)  # MIN=3.5 NUM=256, on one warm machine as it ran (three calls): the teacher of long-video
+                        # windows beside causal_init; the one-clip self-forcing student (3.5 min) beside the new
+                        # teacher's windows; from that student, 48-frame self-forcing rollouts scored by the new
+                        # teacher and by the shipped one (the control), side by side; causal_tiny_long_teacher
     python -m distill.cli train jobs/tiny_teacher_long.toml > $R/logs/teacher_long.log 2>&1 &
     causal_init; wait
     python -m eval.windows --teacher $C/teacher_long/model --windows 0 1 4 --num $NUM --device cuda \
-      --out $R/teacher_long_windows.json > $R/logs/teacher_long_eval.log 2>&1 &
-    python -m distill.cli train jobs/causal_tiny_sf.toml --set train.checkpoint_every=100000 > $R/logs/sf.log 2>&1
+      --out eval/results/tiny_teacher_long_windows.json > $R/logs/teacher_long_eval.log 2>&1 &
+    python -m distill.cli train jobs/causal_tiny_sf.toml --set train.checkpoint_every=100000 \
+      --set train.max_minutes=$MIN > $R/logs/sf.log 2>&1
     wait
-    LONG=(--set "model.family='wan'" --set "model.source='$C/teacher_long/model'")
-    train long48 jobs/causal_tiny_sf.toml "${LONG[@]}" --set "student.init='$C/sf/model'" --set student.rollout_frames=48
-    train long80 jobs/causal_tiny_sf.toml "${LONG[@]}" --set "student.init='$C/sf/model'" --set student.rollout_frames=80
-    train plain48 jobs/causal_tiny_sf.toml --set "student.init='$C/sf/model'" --set student.rollout_frames=48
+    FROM_SF=(--set "student.init='$C/sf/model'" --set student.rollout_frames=48)
+    train long48 jobs/causal_tiny_sf.toml "${FROM_SF[@]}" --set "model.family='wan'" \
+      --set "model.source='$C/teacher_long/model'"
+    train plain48 jobs/causal_tiny_sf.toml "${FROM_SF[@]}"
     wait
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal sf=$C/sf/model --causal long48=$R/long48/model \
-      --causal long80=$R/long80/model --causal plain48=$R/plain48/model --windows 0 1 4 --num $NUM --device cuda \
+      --causal plain48=$R/plain48/model --windows 0 1 4 --num $NUM --device cuda \
       --out eval/results/causal_tiny_long_teacher.json ;;
   causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
     ode_pairs 1024
