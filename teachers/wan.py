@@ -77,6 +77,11 @@ def offset_channel(frame_offset: Tensor | None, like: Tensor, offset_frames: int
     return value.view(B, 1, 1, 1, 1).expand(B, 1, T, H, W)
 
 
+def _extra_channels(coordinate_frames: int, offset_frames: int) -> int:
+    """Input channels after the latents: the coordinates' three and the offset's one, where the model has them."""
+    return (COORDINATE_CHANNELS if coordinate_frames else 0) + (1 if offset_frames else 0)
+
+
 class _FeaturesReady(Exception):
     """Raised by the hook of :meth:`WanDenoiser.features` to end the forward early."""
 
@@ -100,7 +105,7 @@ class WanDenoiser(Denoiser):
                              f"got {coordinate_frames}")
         if offset_frames < 0:
             raise ValueError(f"offset_frames must be 0 (none) or > 0, got {offset_frames}")
-        extra = (COORDINATE_CHANNELS if coordinate_frames else 0) + (1 if offset_frames else 0)
+        extra = _extra_channels(coordinate_frames, offset_frames)
         if transformer.config.in_channels <= extra:
             raise ValueError(f"coordinate_frames = {coordinate_frames} and offset_frames = {offset_frames} need "
                              f"in_channels = latent channels + {extra} input channels (>= {extra + 1}), this "
@@ -110,8 +115,7 @@ class WanDenoiser(Denoiser):
 
     @property
     def latent_channels(self) -> int:
-        extra = (COORDINATE_CHANNELS if self.coordinate_frames else 0) + (1 if self.offset_frames else 0)
-        return self.config.in_channels - extra
+        return self.config.in_channels - _extra_channels(self.coordinate_frames, self.offset_frames)
 
     @property
     def config(self):
@@ -218,8 +222,8 @@ class WanDenoiser(Denoiser):
 
     def with_offsets(self, frames: int) -> "WanDenoiser":
         """A copy of this model with the clip-offset input channel (:func:`offset_channel`, scaled to ``frames``),
-        zero-initialised like :meth:`with_coordinates`: at offset 0 it is this model whatever training does to that
-        channel's weights. How the tiny teacher learns windows of long videos (``data.max_offset``)."""
+        zero-initialised like :meth:`with_coordinates`; at offset 0 the channel adds nothing, whatever training does
+        to its weights. How the tiny teacher learns windows of long videos (``data.max_offset``)."""
         if self.offset_frames:
             raise ValueError(f"this model has an offset channel already (scaled to {self.offset_frames})")
         return WanDenoiser(self._widened(1), self.schedule, self.coordinate_frames, offset_frames=frames)
