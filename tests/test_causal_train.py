@@ -3,6 +3,7 @@ ODE pairs, exports a streaming generator and streams it into a file."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from distill.conditioning import Batch, Conditioning
 from distill.config import ConfigError, load_job
 from distill.data.shards import read_shards
 from distill.run import build_model, train
-from distill.stream import StreamingConfig
+from distill.stream import StreamingConfig, generator_from_model_dir
 from distill.video import read_video
 from teachers.wan import WanDenoiser
 
@@ -283,6 +284,10 @@ def test_a_teacher_of_long_video_windows_scores_each_rollout_window_at_its_offse
     assert seen and all(offsets == [0, 4] * (len(offsets) // 2) for offsets in seen)  # 2 prompts x 2 windows
     assert any(len(offsets) == 8 for offsets in seen)  # the teacher's guided batch keeps them
     assert saved_inputs(student)["offset_frames"] == 0 and WanDenoiser.from_pretrained(student).config.in_channels == 3
+    as_student = shutil.copytree(teacher, tmp_path / "teacher_as_student")
+    (as_student / "method.json").write_text((student / "method.json").read_text())
+    with pytest.raises(ValueError, match="does not stream"):
+        generator_from_model_dir(as_student)
 
     out = tmp_path / "windows.json"
     windows_main(["--teacher", str(teacher), "--teacher-steps", "2", "--windows", "0", "2", "--num", "4", "--frames",
