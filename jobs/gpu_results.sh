@@ -19,6 +19,9 @@
 #   jobs/gpu_results.sh causal_reencode; jobs/gpu_results.sh causal_reencode_eval  # self-forcing through re-encoded
 #                                  # windows: four variants side by side; causal_tiny_reencode_sf
 #   MIN=6.3 jobs/gpu_results.sh causal_lr  # then one-clip rollouts at higher learning rates; causal_tiny_reencode_lr
+#   TEACHER_MIN=7.6 jobs/gpu_results.sh long_teacher_on; MIN=3.6 MIN80=3.8 jobs/gpu_results.sh causal_long_sf
+#   NUM=256 jobs/gpu_results.sh causal_long_sf_eval  # after causal_long_teacher: its teacher trained on, then
+#                                  # self-forcing against it, one clip and then 80-frame rollouts; causal_tiny_long_sf
 #   (bench rows with restarts: python eval/bench_streaming.py --ends-only --compile --reencode-frames 0 3
 #    --out eval/results/streaming_reencode_h100.json)
 # (eval/results/causal_tiny_reencode.json ran on the CPU from causal_cap's `sf` student, brought back from the GPU: the
@@ -206,6 +209,25 @@ case "${1:-}" in
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal sf=$C/sf/model --causal long48=$R/long48/model \
       --causal plain48=$R/plain48/model --windows 0 1 4 --num $NUM --device cuda \
       --out eval/results/causal_tiny_long_teacher.json ;;
+  long_teacher_on)  # TEACHER_MIN=7.6, on one H100 beside causal_init: causal_long_teacher's teacher (5 min) trained on,
+                    # fresh optimiser, from its bf16 export (carried bit-exact to a fresh machine, as it ran)
+    python -m distill.cli train jobs/tiny_teacher_long.toml --set "model.family='wan'" \
+      --set "model.source='$C/teacher_long/model'" --set "output.dir='$C/teacher_long_on'" \
+      --set train.max_minutes=${TEACHER_MIN:-7.6} > $R/logs/teacher_long_on.log 2>&1 &
+    causal_init; wait ;;
+  causal_long_sf)  # MIN=3.6 MIN80=3.8, right after long_teacher_on on the same machine: from causal_init's student,
+                   # one-clip self-forcing with that teacher as the real score (the critic, copied from it, reads clip
+                   # offsets too), kept as sf_long_clip; then the same run resumed (critic and optimisers carry over)
+                   # with 80-frame rollouts of 16 prompts, whose windows 0-4 the teacher scores at their offsets
+    LONG=(--set "model.family='wan'" --set "model.source='$C/teacher_long_on/model'")
+    train sf_long jobs/causal_tiny_sf.toml "${LONG[@]}"; wait
+    rm -rf $R/sf_long_clip; cp -r $R/sf_long/model $R/sf_long_clip
+    train sf_long jobs/causal_tiny_sf.toml "${LONG[@]}" --set output.resume=true --set student.rollout_frames=80 \
+      --set data.batch_size=16 --set train.max_minutes=${MIN80:-3.8}; wait ;;
+  causal_long_sf_eval)  # NUM=256: long_teacher_on's teacher and causal_long_sf's students on windows 0, 1, 4
+    python -m eval.windows --teacher $C/teacher_long_on/model --causal one_clip=$R/sf_long_clip \
+      --causal rollout80=$R/sf_long/model --windows 0 1 4 --num $NUM --device cuda \
+      --out eval/results/causal_tiny_long_sf.json ;;
   causal_sf)  # MIN=7.0 NUM=256: the self-forcing student (48-frame rollouts) alone on the GPU, then causal_tiny
     ode_pairs 1024
     python -m distill.cli train jobs/causal_tiny_sf.toml --set train.max_minutes=$MIN \
