@@ -19,11 +19,12 @@
 #   jobs/gpu_results.sh causal_reencode; jobs/gpu_results.sh causal_reencode_eval  # self-forcing through re-encoded
 #                                  # windows: four variants side by side; causal_tiny_reencode_sf
 #   MIN=6.3 jobs/gpu_results.sh causal_lr  # then one-clip rollouts at higher learning rates; causal_tiny_reencode_lr
+#   (bench rows with restarts: python eval/bench_streaming.py --ends-only --compile --reencode-frames 0 3
+#    --out eval/results/streaming_reencode_h100.json)
+# Planned, not run yet (on 2026-12-06 no device machine could be started):
 #   TEACHER_MIN=6.5 NUM=256 jobs/gpu_results.sh long_teacher_on; MIN=3.6 MIN80=3.8 jobs/gpu_results.sh causal_long_sf
 #   NUM=256 jobs/gpu_results.sh causal_long_sf_eval  # after causal_long_teacher: its teacher trained on, then
 #                                  # self-forcing against it, one clip and then 80-frame rollouts; causal_tiny_long_sf
-#   (bench rows with restarts: python eval/bench_streaming.py --ends-only --compile --reencode-frames 0 3
-#    --out eval/results/streaming_reencode_h100.json)
 # (eval/results/causal_tiny_reencode.json ran on the CPU from causal_cap's `sf` student, brought back from the GPU: the
 #  command is in the file.)
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
@@ -209,18 +210,19 @@ case "${1:-}" in
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal sf=$C/sf/model --causal long48=$R/long48/model \
       --causal plain48=$R/plain48/model --windows 0 1 4 --num $NUM --device cuda \
       --out eval/results/causal_tiny_long_teacher.json ;;
-  long_teacher_on)  # TEACHER_MIN=6.5 NUM=256, alone on one H100: causal_long_teacher's teacher (5 min) trained on with a
-                    # fresh optimiser from its bf16 export (carried bit-exact to a fresh machine, as it ran), and its
-                    # windows; tiny_teacher_long_on_windows
+  long_teacher_on)  # TEACHER_MIN=6.5 NUM=256, alone on one H100 (not run yet): causal_long_teacher's teacher (5 min)
+                    # trained on with a fresh optimiser from its bf16 export, and its windows;
+                    # tiny_teacher_long_on_windows
     python -m distill.cli train jobs/tiny_teacher_long.toml --set "model.family='wan'" \
       --set "model.source='$C/teacher_long/model'" --set "output.dir='$C/teacher_long_on'" \
       --set train.max_minutes=${TEACHER_MIN:-6.5} > $R/logs/teacher_long_on.log 2>&1
     python -m eval.windows --teacher $C/teacher_long_on/model --windows 0 1 4 --num $NUM --device cuda \
       --out eval/results/tiny_teacher_long_on_windows.json ;;
-  causal_long_sf)  # MIN=3.6 MIN80=3.8, after long_teacher_on on the same machine: from causal_init's student,
-                   # one-clip self-forcing with that teacher as the real score (the critic, copied from it, reads clip
-                   # offsets too), kept as sf_long_clip; then the same run resumed (critic and optimisers carry over)
-                   # with 80-frame rollouts of 16 prompts, whose windows 0-4 the teacher scores at their offsets
+  causal_long_sf)  # MIN=3.6 MIN80=3.8 (not run yet), after long_teacher_on on the same machine: from causal_init's
+                   # student, one-clip self-forcing with that teacher as the real score (the critic, copied from it,
+                   # reads clip offsets too), kept as sf_long_clip; then the same run resumed (critic and optimisers
+                   # carry over) with 80-frame rollouts of 16 prompts, whose windows 0-4 the teacher scores at their
+                   # offsets
     causal_init
     LONG=(--set "model.family='wan'" --set "model.source='$C/teacher_long_on/model'")
     train sf_long jobs/causal_tiny_sf.toml "${LONG[@]}"; wait
