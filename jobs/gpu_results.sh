@@ -21,10 +21,11 @@
 #   MIN=6.3 jobs/gpu_results.sh causal_lr  # then one-clip rollouts at higher learning rates; causal_tiny_reencode_lr
 #   (bench rows with restarts: python eval/bench_streaming.py --ends-only --compile --reencode-frames 0 3
 #    --out eval/results/streaming_reencode_h100.json)
-# Planned, not run yet (on 2026-12-06 no device machine could be started):
-#   TEACHER_MIN=6.5 NUM=256 jobs/gpu_results.sh long_teacher_on; MIN=3.6 MIN80=3.8 jobs/gpu_results.sh causal_long_sf
-#   NUM=256 jobs/gpu_results.sh causal_long_sf_eval  # after causal_long_teacher: its teacher trained on, then
-#                                  # self-forcing against it, one clip and then 80-frame rollouts; causal_tiny_long_sf
+#   TEACHER_MIN=6.5 NUM=256 jobs/gpu_results.sh long_teacher_on  # after causal_long_teacher: its teacher trained on;
+#                                  # tiny_teacher_long_on_windows, then a second round (see the case); on one H100
+# Planned, not run yet (the device time left after the teacher's rounds did not cover them):
+#   MIN=3.6 MIN80=3.8 jobs/gpu_results.sh causal_long_sf; NUM=256 jobs/gpu_results.sh causal_long_sf_eval
+#                                  # self-forcing against that teacher, one clip and then 80-frame rollouts
 # (eval/results/causal_tiny_reencode.json ran on the CPU from causal_cap's `sf` student, brought back from the GPU: the
 #  command is in the file.)
 # Earlier students (lora_tiny, sparse_tiny) came from the phase-5 teacher: `lora_sparse` retrains them.
@@ -210,9 +211,10 @@ case "${1:-}" in
     python -m eval.windows --teacher tiny --teacher-steps 0 --causal sf=$C/sf/model --causal long48=$R/long48/model \
       --causal plain48=$R/plain48/model --windows 0 1 4 --num $NUM --device cuda \
       --out eval/results/causal_tiny_long_teacher.json ;;
-  long_teacher_on)  # TEACHER_MIN=6.5 NUM=256, alone on one H100 (not run yet): causal_long_teacher's teacher (5 min)
-                    # trained on with a fresh optimiser from its bf16 export, and its windows;
-                    # tiny_teacher_long_on_windows
+  long_teacher_on)  # TEACHER_MIN=6.5 NUM=256, alone on one H100: causal_long_teacher's teacher (5 min) trained on
+                    # with a fresh optimiser from its bf16 export, and its windows; tiny_teacher_long_on_windows.
+                    # Ran at b30ee4a, then once more on the same machine: `mv $C/teacher_long_on $C/teacher_long`,
+                    # TEACHER_MIN=5.6, its file moved to tiny_teacher_long_on2_windows
     python -m distill.cli train jobs/tiny_teacher_long.toml --set "model.family='wan'" \
       --set "model.source='$C/teacher_long/model'" --set "output.dir='$C/teacher_long_on'" \
       --set train.max_minutes=${TEACHER_MIN:-6.5} > $R/logs/teacher_long_on.log 2>&1
