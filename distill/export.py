@@ -22,8 +22,6 @@ from distill.lora import LORA_FILE, LORA_META, is_lora_model, load_student
 from distill.schedule import schedule_from_dict
 from teachers.wan import COORDINATE_CHANNELS, INPUTS_FILE, saved_inputs
 
-FORMATS = ("diffusers", "lora")
-
 
 def _unshifted(times: list[float], shift: float) -> list[float]:
     """Invert the flow shift: the sigmas to give ``scheduler.set_timesteps(sigmas=...)``, which shifts them."""
