@@ -103,8 +103,9 @@ def _model_card(method: dict, shift: float, times: list[float] | None, lora_of: 
   does not add them."""
     if offset_frames:
         inputs += f"""
-- inputs: one more channel last, constant over the clip: where the clip starts in its long video, in frames /
-  {offset_frames} (`teachers.wan.offset_channel`; 0 for a video's opening). A stock `WanPipeline` does not add it."""
+- inputs: one more channel last, constant over the clip: where the clip starts in its long video, in
+  frames / {offset_frames} (`teachers.wan.offset_channel`; 0 for a video's opening). A stock `WanPipeline` does
+  not add it."""
     return f"""# Exported by fewstep-distill
 
 - training method: `{name}`
